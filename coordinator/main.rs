@@ -1,1 +1,87 @@
-fn main() {}
+//! `rota-coordinator`: the command line over [`rota::coordinator`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use rota::coordinator::config::Settings;
+use rota::coordinator::Coordinator;
+
+/// Rota's coordinator: a durable job queue leased to workers over gRPC.
+///
+/// Each option can also be set with its ROTA_* environment variable or in the
+/// TOML file given with --config (keys in snake_case); a flag wins over the
+/// environment, which wins over the file.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, env = "ROTA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "ROTA_LISTEN")]
+    listen: Option<String>,
+    /// Directory of the embedded database [default: ./rota-data].
+    #[arg(long, env = "ROTA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A worker silent this long is lost and its jobs are retried [default: 30s].
+    #[arg(long, env = "ROTA_LEASE_TIMEOUT")]
+    lease_timeout: Option<String>,
+    /// How often workers heartbeat [default: 5s].
+    #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+    /// Largest job payload [default: 1MiB].
+    #[arg(long, env = "ROTA_MAX_PAYLOAD")]
+    max_payload: Option<String>,
+    /// shutdown_grace of jobs that do not set one [default: 30s].
+    #[arg(long, env = "ROTA_DEFAULT_SHUTDOWN_GRACE")]
+    default_shutdown_grace: Option<String>,
+    /// Size of the database's page cache [default: 256MiB].
+    #[arg(long, env = "ROTA_CACHE_SIZE")]
+    cache_size: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let from_cli = Settings {
+        listen: cli.listen,
+        data_dir: cli.data_dir,
+        lease_timeout: cli.lease_timeout,
+        heartbeat_interval: cli.heartbeat_interval,
+        max_payload: cli.max_payload,
+        default_shutdown_grace: cli.default_shutdown_grace,
+        cache_size: cli.cache_size,
+    };
+    let from_file = match &cli.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let config = from_cli.merge(from_file).resolve()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let coordinator = Coordinator::open(config).await?;
+    println!("listening on {addr}");
+    coordinator.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,1 +1,220 @@
-//! The coordinator.
+//! The coordinator: the durable job queue and the gRPC services over it.
+//!
+//! - [`store`]: sled, records under key prefixes, flush + fsync.
+//! - [`state`]: the in-memory dispatch model and every decision.
+//! - [`engine`]: the task that applies decisions and the group-commit thread.
+//! - [`service`]: the gRPC services, thin adapters over the engine.
+//!
+//! [`Coordinator::open`] rebuilds the model from the store; [`Coordinator::serve`]
+//! serves it on a bound listener until a shutdown future resolves; [`run`] does both.
+
+pub mod backoff;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod ids;
+pub mod ready;
+pub mod record;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod validate;
+pub mod workers;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::clock::{Clock, SystemClock};
+use crate::coordinator::engine::Engine;
+use crate::coordinator::state::{Settings, State};
+use crate::coordinator::store::{Store, StoreError};
+use crate::proto;
+
+pub use config::Config;
+
+/// How long open streams may take to close at shutdown before they are cut.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest gRPC message accepted (a `SubmitJobs` batch of big payloads).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// Why the coordinator stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The store could not be opened or read.
+    #[error("cannot open the store in {dir}: {source}")]
+    Open {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// The store failed while serving; nothing unacknowledged was promised.
+    #[error("the store failed; stopped to protect the data (see the log)")]
+    StoreFailed,
+    /// A start-up task panicked.
+    #[error("start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A coordinator with its store open and its model rebuilt, ready to serve.
+pub struct Coordinator {
+    config: Config,
+    store: Arc<Store>,
+    state: State,
+    clock: Arc<dyn Clock>,
+}
+
+impl Coordinator {
+    /// Opens the store and rebuilds the model from it.
+    pub async fn open(config: Config) -> Result<Coordinator, RunError> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Coordinator::open`] with a given time source.
+    pub async fn open_with_clock(
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Coordinator, RunError> {
+        let dir = config.data_dir.clone();
+        let cache = config.cache_bytes;
+        let opened = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::Sync {
+                path: dir.clone(),
+                source: e,
+            })?;
+            let store = Store::open(&dir, cache)?;
+            let snapshot = store.snapshot()?;
+            Ok::<_, StoreError>((store, snapshot))
+        })
+        .await?;
+        let (store, snapshot) = opened.map_err(|source| RunError::Open {
+            dir: config.data_dir.clone(),
+            source,
+        })?;
+        let jobs = snapshot.jobs.len();
+        let settings = Settings {
+            lease_timeout: config.lease_timeout,
+            heartbeat_interval: config.heartbeat_interval,
+            default_shutdown_grace: config.default_shutdown_grace,
+        };
+        let state = State::restore(settings, snapshot, clock.now());
+        tracing::info!(jobs, dir = %config.data_dir.display(), "store opened");
+        Ok(Coordinator {
+            config,
+            store: Arc::new(store),
+            state,
+            clock,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves (or the store fails),
+    /// then stops accepting, ends open streams, and makes the last writes durable.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let root = CancellationToken::new();
+        let (engine, engine_task) =
+            Engine::start(self.state, self.store, self.clock, root.child_token());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<proto::job_service_server::JobServiceServer<service::jobs::Jobs>>()
+            .await;
+        health
+            .set_serving::<proto::worker_service_server::WorkerServiceServer<service::session::Sessions>>()
+            .await;
+        health
+            .set_serving::<proto::admin_service_server::AdminServiceServer<service::admin::Admin>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor set is valid");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("the embedded descriptor set is valid");
+        let jobs = proto::job_service_server::JobServiceServer::new(service::jobs::Jobs::new(
+            engine.clone(),
+            self.config.max_payload,
+        ))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+        let sessions = proto::worker_service_server::WorkerServiceServer::new(
+            service::session::Sessions::new(engine.clone()),
+        )
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+        let admin = proto::admin_service_server::AdminServiceServer::new(
+            service::admin::Admin::new(engine.clone()),
+        );
+
+        let stop = root.clone();
+        let watcher = engine.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => tracing::info!("shutting down"),
+                _ = watcher.failed() => tracing::error!("store failed; shutting down"),
+            }
+            stop.cancel();
+        });
+        let server_stop = root.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(jobs)
+                .add_service(sessions)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    server_stop.cancelled().await
+                }),
+        );
+        root.cancelled().await;
+        health
+            .set_not_serving::<proto::job_service_server::JobServiceServer<service::jobs::Jobs>>()
+            .await;
+        engine_task.wait().await;
+        let served = match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+            Ok(joined) => joined?,
+            Err(_) => {
+                tracing::warn!("open streams did not close within {DRAIN_TIMEOUT:?}; cutting them");
+                Ok(())
+            }
+        };
+        let failed = engine.failed_now();
+        served?;
+        if failed {
+            return Err(RunError::StoreFailed);
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the store in `config.data_dir`, serves on `listener` until `shutdown`
+/// resolves, then stops cleanly.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    Coordinator::open(config)
+        .await?
+        .serve(listener, shutdown)
+        .await
+}

@@ -1,0 +1,382 @@
+//! The engine: one task that owns every change, and one thread that makes the
+//! changes durable (group commit).
+//!
+//! Requests become [`Command`]s on a channel. The engine task takes every
+//! command waiting, lets the [`State`] decide them, fires due timers, dispatches
+//! ready jobs, applies the resulting record writes to sled as one atomic batch,
+//! and hands the round to the sync thread. The sync thread gathers every round
+//! that arrived while it was busy, makes them durable with one flush and one
+//! fsync, and only then runs their effects (replies, `Assign` messages, watch
+//! updates). So a `SubmitJobs` of 1,000 jobs costs one sync, concurrent callers
+//! share one, and nobody is told of a change before it is on disk.
+//!
+//! If the store fails, the coordinator cannot promise anything any more: every
+//! waiting caller gets `UNAVAILABLE`, the engine stops, and [`Engine::failed`]
+//! resolves so that the server shuts down (a supervisor restarts it from the
+//! durable state).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::clock::Clock;
+use crate::coordinator::error::Error;
+use crate::coordinator::ids::JobId;
+use crate::coordinator::state::{Effect, Round, State};
+use crate::coordinator::store::Store;
+use crate::proto::{self, CoordinatorMessage, Hello, Job, SubmitJobResponse};
+
+/// Most commands decided in one round, so one round's batch stays bounded.
+const MAX_COMMANDS_PER_ROUND: usize = 4096;
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// A request for a change.
+enum Command {
+    Submit(Vec<Job>, Reply<Vec<SubmitJobResponse>>),
+    Cancel(JobId, String, Reply<Job>),
+    Retry(JobId, Reply<Job>),
+    Hello(Hello, mpsc::UnboundedSender<CoordinatorMessage>, Reply<u64>),
+    Heartbeat(String, u64),
+    Complete(String, u64, proto::Complete),
+    Draining(String, u64),
+    Disconnected(String, u64),
+}
+
+/// What the engine task and the request handlers share.
+struct Shared {
+    /// The model; locked briefly, never across an `.await`.
+    state: Mutex<State>,
+    /// The store, for reads of finished jobs and for the writes.
+    store: Arc<Store>,
+    /// The time source.
+    clock: Arc<dyn Clock>,
+    /// Cancelled when the store failed.
+    failed: CancellationToken,
+}
+
+/// A cloneable handle to the engine.
+#[derive(Clone)]
+pub struct Engine {
+    /// Shared with the engine task.
+    shared: Arc<Shared>,
+    /// Commands for the engine task.
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+/// Owns the engine's task and thread until shutdown.
+pub struct EngineTask {
+    /// The engine task (it joins the sync thread before it ends).
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl EngineTask {
+    /// Waits until the engine has stopped and its last writes are durable.
+    pub async fn wait(self) {
+        if let Err(e) = self.join.await {
+            tracing::error!(error = %e, "engine task failed");
+        }
+    }
+}
+
+fn unavailable() -> Error {
+    Error::Unavailable("the coordinator is shutting down".into())
+}
+
+impl Engine {
+    /// Starts the engine over a model rebuilt from `store`. It stops when
+    /// `shutdown` is cancelled, after making its last round durable.
+    pub fn start(
+        state: State,
+        store: Arc<Store>,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> (Engine, EngineTask) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            store,
+            clock,
+            failed: CancellationToken::new(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let join = tokio::spawn(run(shared.clone(), rx, shutdown));
+        (Engine { shared, tx }, EngineTask { join })
+    }
+
+    /// Resolves when the store has failed and the engine has stopped.
+    pub async fn failed(&self) {
+        self.shared.failed.cancelled().await
+    }
+
+    /// Whether the store has failed.
+    pub fn failed_now(&self) -> bool {
+        self.shared.failed.is_cancelled()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| unavailable())?;
+        rx.await.map_err(|_| unavailable())?
+    }
+
+    fn tell(&self, cmd: Command) {
+        // Fails only when the engine has stopped, and then nobody is listening.
+        let _ = self.tx.send(cmd);
+    }
+
+    /// Submits validated jobs; answers once they are durable.
+    pub async fn submit(&self, jobs: Vec<Job>) -> Result<Vec<SubmitJobResponse>, Error> {
+        self.call(|r| Command::Submit(jobs, r)).await
+    }
+
+    /// Cancels a job.
+    pub async fn cancel(&self, id: JobId, reason: String) -> Result<Job, Error> {
+        self.call(|r| Command::Cancel(id, reason, r)).await
+    }
+
+    /// Retries a finished job.
+    pub async fn retry(&self, id: JobId) -> Result<Job, Error> {
+        self.call(|r| Command::Retry(id, r)).await
+    }
+
+    /// Registers a worker session and sends it its `Welcome`; returns the
+    /// session's generation.
+    pub async fn hello(
+        &self,
+        hello: Hello,
+        tx: mpsc::UnboundedSender<CoordinatorMessage>,
+    ) -> Result<u64, Error> {
+        self.call(|r| Command::Hello(hello, tx, r)).await
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&self, worker_id: String, generation: u64) {
+        self.tell(Command::Heartbeat(worker_id, generation));
+    }
+
+    /// Hands over a completion; the `CompleteAck` goes out on the session.
+    pub fn complete(&self, worker_id: String, generation: u64, done: proto::Complete) {
+        self.tell(Command::Complete(worker_id, generation, done));
+    }
+
+    /// Marks a worker as draining.
+    pub fn draining(&self, worker_id: String, generation: u64) {
+        self.tell(Command::Draining(worker_id, generation));
+    }
+
+    /// Notes that a session's stream ended.
+    pub fn disconnected(&self, worker_id: String, generation: u64) {
+        self.tell(Command::Disconnected(worker_id, generation));
+    }
+
+    /// One job.
+    pub fn get_job(&self, id: JobId) -> Result<Job, Error> {
+        self.lock().get_job(id, &self.shared.store)
+    }
+
+    /// The job now and a stream of its changes.
+    pub fn watch(&self, id: JobId) -> Result<(Job, Option<mpsc::UnboundedReceiver<Job>>), Error> {
+        self.lock().watch(id, &self.shared.store)
+    }
+
+    /// The known workers.
+    pub fn list_workers(&self) -> Vec<proto::Worker> {
+        self.lock().list_workers()
+    }
+
+    /// Queue statistics.
+    pub fn queue_stats(&self, queue: &str) -> Vec<proto::QueueStat> {
+        let now = self.shared.clock.now();
+        self.lock().queue_stats(queue, now)
+    }
+
+    /// The store, for scans off the engine's task.
+    pub fn store_handle(&self) -> Arc<Store> {
+        self.shared.store.clone()
+    }
+}
+
+/// Replies once the round is durable (or with `UNAVAILABLE` if it cannot be).
+fn reply_after<T: Send + 'static>(state: &mut State, reply: Reply<T>, value: Result<T, Error>) {
+    state.after_commit(Box::new(move |committed| {
+        let _ = reply.send(match committed {
+            Ok(()) => value,
+            Err(why) => Err(Error::Unavailable(format!(
+                "the change could not be made durable: {why}"
+            ))),
+        });
+    }));
+}
+
+fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
+    match cmd {
+        Command::Submit(jobs, r) => {
+            let v = state.submit(jobs, now, store);
+            reply_after(state, r, v);
+        }
+        Command::Cancel(id, reason, r) => {
+            let v = state.cancel(id, &reason, now, store);
+            reply_after(state, r, v);
+        }
+        Command::Retry(id, r) => {
+            let v = state.retry(id, now, store);
+            reply_after(state, r, v);
+        }
+        Command::Hello(hello, tx, r) => {
+            let v = state.hello(hello, tx, now);
+            reply_after(state, r, Ok(v));
+        }
+        Command::Heartbeat(w, g) => state.heartbeat(&w, g, now),
+        Command::Complete(w, g, done) => {
+            let ack = state.complete(&w, g, done, now);
+            // The ack goes out on the session the completion came from.
+            if let Some(tx) = state.session_sender(&w, g) {
+                let msg = CoordinatorMessage {
+                    msg: Some(proto::coordinator_message::Msg::CompleteAck(ack)),
+                };
+                state.after_commit(Box::new(move |r| {
+                    if r.is_ok() {
+                        let _ = tx.send(msg);
+                    }
+                }));
+            }
+        }
+        Command::Draining(w, g) => state.draining(&w, g, now),
+        Command::Disconnected(w, g) => state.disconnected(&w, g),
+    }
+}
+
+/// The engine task.
+async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let (sync_tx, sync_rx) = std::sync::mpsc::channel::<Round>();
+    let store = shared.store.clone();
+    let failed = shared.failed.clone();
+    let syncer = std::thread::Builder::new()
+        .name("rota-sync".into())
+        .spawn(move || sync_loop(&store, sync_rx, &failed))
+        .expect("spawning the sync thread");
+    let mut commands = Vec::with_capacity(64);
+    loop {
+        let now = shared.clock.now();
+        let next = shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_due();
+        let sleep = next.map(|t| t.duration_since(now).unwrap_or(Duration::ZERO));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = shared.failed.cancelled() => break,
+            n = rx.recv_many(&mut commands, MAX_COMMANDS_PER_ROUND) => {
+                if n == 0 { break; }
+            }
+            _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
+        }
+        let now = shared.clock.now();
+        let round = {
+            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            for cmd in commands.drain(..) {
+                decide(&mut state, cmd, now, &shared.store);
+            }
+            state.fire_due(now);
+            state.dispatch(now);
+            let mut round = state.take_round();
+            // Applied under the lock, so readers never see the model ahead of sled.
+            let writes = std::mem::take(&mut round.writes);
+            round.dirty = !writes.is_empty();
+            if let Err(e) = shared.store.apply(writes) {
+                tracing::error!(error = %e, "store write failed; stopping");
+                fail_round(round, &e.to_string());
+                shared.failed.cancel();
+                break;
+            }
+            round
+        };
+        if round.effects.is_empty() && !round.dirty {
+            continue;
+        }
+        if sync_tx.send(round).is_err() {
+            break;
+        }
+    }
+    // End every session and watch stream (their leases stay stored), answer
+    // what is still waiting, then let the sync thread finish.
+    shared
+        .state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .close_streams();
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        refuse(cmd);
+    }
+    drop(sync_tx);
+    let _ = tokio::task::spawn_blocking(move || syncer.join()).await;
+}
+
+fn refuse(cmd: Command) {
+    match cmd {
+        Command::Submit(_, r) => drop(r.send(Err(unavailable()))),
+        Command::Cancel(_, _, r) => drop(r.send(Err(unavailable()))),
+        Command::Retry(_, r) => drop(r.send(Err(unavailable()))),
+        Command::Hello(_, _, r) => drop(r.send(Err(unavailable()))),
+        _ => {}
+    }
+}
+
+fn fail_round(round: Round, why: &str) {
+    for effect in round.effects {
+        effect(Err(why));
+    }
+}
+
+/// The sync thread: one flush and fsync for every round that queued up while
+/// the last one ran, then their effects, in order.
+fn sync_loop(store: &Store, rx: std::sync::mpsc::Receiver<Round>, failed: &CancellationToken) {
+    let mut pending: Vec<Round> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        pending.push(first);
+        pending.extend(rx.try_iter());
+        let dirty = pending.iter().any(|r| r.dirty);
+        let outcome = if dirty { store.sync() } else { Ok(()) };
+        match outcome {
+            Ok(()) => {
+                for round in pending.drain(..) {
+                    run_effects(round.effects, Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store sync failed; stopping");
+                let why = e.to_string();
+                for round in pending.drain(..) {
+                    run_effects(round.effects, Err(&why));
+                }
+                failed.cancel();
+                for round in rx.iter() {
+                    run_effects(round.effects, Err(&why));
+                }
+                return;
+            }
+        }
+    }
+    if let Err(e) = store.sync() {
+        tracing::error!(error = %e, "final store sync failed");
+    }
+}
+
+fn run_effects(effects: Vec<Effect>, r: Result<(), &str>) {
+    for effect in effects {
+        effect(r);
+    }
+}

@@ -1,0 +1,43 @@
+//! `rota.v1.AdminService`: workers and queue statistics.
+
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::engine::Engine;
+use crate::proto::admin_service_server::AdminService;
+use crate::proto::{GetQueueStatsRequest, ListWorkersRequest, ListWorkersResponse, QueueStats};
+
+/// The admin service.
+pub struct Admin {
+    /// Where the answers come from.
+    engine: Engine,
+}
+
+impl Admin {
+    /// A service over `engine`.
+    pub fn new(engine: Engine) -> Self {
+        Admin { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    #[tracing::instrument(skip_all)]
+    async fn list_workers(
+        &self,
+        _req: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse {
+            workers: self.engine.list_workers(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_queue_stats(
+        &self,
+        req: Request<GetQueueStatsRequest>,
+    ) -> Result<Response<QueueStats>, Status> {
+        Ok(Response::new(QueueStats {
+            queues: self.engine.queue_stats(&req.into_inner().queue),
+        }))
+    }
+}

@@ -1,0 +1,238 @@
+//! `rota.v1.JobService`: submit, read, list, cancel, retry and watch jobs.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::engine::Engine;
+use crate::coordinator::error::Error;
+use crate::coordinator::ids::JobId;
+use crate::coordinator::service::job_id;
+use crate::coordinator::state::is_terminal;
+use crate::coordinator::store::Store;
+use crate::coordinator::validate;
+use crate::proto::job_service_server::JobService;
+use crate::proto::{
+    CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse,
+    RetryJobRequest, SubmitJobRequest, SubmitJobResponse, SubmitJobsRequest, SubmitJobsResponse,
+    WatchJobRequest,
+};
+
+/// Most jobs in one `SubmitJobs`.
+pub const MAX_BATCH: usize = 10_000;
+/// `page_size` when unset.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest `page_size`; larger requests are served this many.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Most records one `ListJobs` page examines before it returns what it found.
+const MAX_EXAMINED_PER_PAGE: usize = 100_000;
+
+/// The job service.
+pub struct Jobs {
+    /// The engine every change goes through.
+    engine: Engine,
+    /// Largest payload accepted.
+    max_payload: usize,
+}
+
+impl Jobs {
+    /// A service over `engine`.
+    pub fn new(engine: Engine, max_payload: usize) -> Self {
+        Jobs {
+            engine,
+            max_payload,
+        }
+    }
+}
+
+/// The filters of a `ListJobs` call.
+struct Filter {
+    queue: String,
+    state: JobState,
+    kind: String,
+    schedule: String,
+}
+
+impl Filter {
+    fn matches(&self, job: &Job) -> bool {
+        (self.queue.is_empty() || job.queue == self.queue)
+            && (self.state == JobState::Unspecified || job.state() == self.state)
+            && (self.kind.is_empty() || job.kind == self.kind)
+            && (self.schedule.is_empty() || job.schedule == self.schedule)
+    }
+}
+
+/// Scans one page of jobs in creation order.
+fn list_page(
+    store: &Store,
+    filter: &Filter,
+    after: Option<JobId>,
+    size: usize,
+) -> Result<ListJobsResponse, Error> {
+    let mut jobs = Vec::new();
+    let mut last = None;
+    let mut examined = 0;
+    for rec in store.scan_jobs(after) {
+        let rec = rec?;
+        examined += 1;
+        last = Some(rec.id());
+        if filter.matches(&rec.job) {
+            jobs.push(rec.job);
+            if jobs.len() == size {
+                break;
+            }
+        }
+        if examined == MAX_EXAMINED_PER_PAGE {
+            break;
+        }
+    }
+    // A full page (or a page cut short by the scan bound) may have more after it.
+    let more = jobs.len() == size || examined == MAX_EXAMINED_PER_PAGE;
+    let next_page_token = match (more, last) {
+        (true, Some(id)) if store.scan_jobs(Some(id)).next().is_some() => id.to_string(),
+        _ => String::new(),
+    };
+    Ok(ListJobsResponse {
+        jobs,
+        next_page_token,
+    })
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    #[tracing::instrument(skip_all)]
+    async fn submit_job(
+        &self,
+        req: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let job = req
+            .into_inner()
+            .job
+            .ok_or_else(|| Error::invalid("job", "is required"))?;
+        let job = validate::new_job("job", job, self.max_payload)?;
+        let mut results = self.engine.submit(vec![job]).await?;
+        let result = results
+            .pop()
+            .ok_or_else(|| Status::internal("no result for the submitted job"))?;
+        Ok(Response::new(result))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn submit_jobs(
+        &self,
+        req: Request<SubmitJobsRequest>,
+    ) -> Result<Response<SubmitJobsResponse>, Status> {
+        let jobs = req.into_inner().jobs;
+        if jobs.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "jobs",
+                format!("has {} jobs; the limit is {MAX_BATCH}", jobs.len()),
+            )
+            .into());
+        }
+        let jobs = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, j)| validate::new_job(&format!("jobs[{i}]"), j, self.max_payload))
+            .collect::<Result<Vec<_>, _>>()?;
+        if jobs.is_empty() {
+            return Ok(Response::new(SubmitJobsResponse::default()));
+        }
+        let results = self.engine.submit(jobs).await?;
+        Ok(Response::new(SubmitJobsResponse { results }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        Ok(Response::new(self.engine.get_job(id)?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_jobs(
+        &self,
+        req: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let req = req.into_inner();
+        let size = match req.page_size {
+            n if n < 0 => {
+                return Err(
+                    Error::invalid("page_size", format!("is {n}; it must not be negative")).into(),
+                )
+            }
+            0 => DEFAULT_PAGE_SIZE,
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let state = JobState::try_from(req.state)
+            .map_err(|_| Error::invalid("state", format!("{} is not a JobState", req.state)))?;
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(JobId::parse(&req.page_token).map_err(|_| {
+                Error::invalid(
+                    "page_token",
+                    "is not a token from a previous ListJobsResponse",
+                )
+            })?)
+        };
+        let filter = Filter {
+            queue: req.queue,
+            state,
+            kind: req.kind,
+            schedule: req.schedule,
+        };
+        let store: Arc<Store> = self.engine.store_handle();
+        let page = tokio::task::spawn_blocking(move || list_page(&store, &filter, after, size))
+            .await
+            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
+        Ok(Response::new(page))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let req = req.into_inner();
+        let id = job_id("id", &req.id)?;
+        Ok(Response::new(self.engine.cancel(id, req.reason).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn retry_job(&self, req: Request<RetryJobRequest>) -> Result<Response<Job>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        Ok(Response::new(self.engine.retry(id).await?))
+    }
+
+    type WatchJobStream = WatchStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_job(
+        &self,
+        req: Request<WatchJobRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        let (job, changes) = self.engine.watch(id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = job.clone();
+            if tx.send(Ok(job)).await.is_err() {
+                return;
+            }
+            let Some(mut changes) = changes else { return };
+            while let Some(job) = changes.recv().await {
+                if job == last {
+                    continue;
+                }
+                let done = is_terminal(job.state());
+                last = job.clone();
+                if tx.send(Ok(job)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,237 @@
+//! The durable store: one sled tree, records under key prefixes.
+//!
+//! | key | value |
+//! |---|---|
+//! | `j` + job id (16 bytes, big-endian) | the [`JobRecord`] |
+//! | `i` + idempotency key | the job id it names (16 bytes) |
+//!
+//! A change that touches several records is one atomic [`Writes`] batch
+//! (`apply_batch`), never a multi-tree transaction. [`Store::sync`] makes every
+//! applied batch durable: sled's own `flush()` only issues `sync_file_range`, so
+//! it is followed by a real `fsync` of the log file. The engine calls it once
+//! per group of writes (group commit).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::coordinator::ids::JobId;
+use crate::coordinator::record::{JobRecord, RecordError};
+
+const JOB_PREFIX: u8 = b'j';
+const IDEM_PREFIX: u8 = b'i';
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// The fsync after sled's flush failed.
+    #[error("fsync of {path}: {source}")]
+    Sync {
+        /// The file that would not sync.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A stored record cannot be read.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// An idempotency record does not hold a job id.
+    #[error("corrupt idempotency record for key {0:?}")]
+    CorruptIdempotency(String),
+}
+
+/// The sled database and the file handle used to fsync it.
+pub struct Store {
+    /// The database (its default tree holds every record).
+    db: sled::Db,
+    /// sled's log file, opened by us so that `sync` can fsync it.
+    log_file: File,
+    /// Its path, for error messages.
+    log_path: PathBuf,
+}
+
+/// An atomic group of record writes.
+#[derive(Default)]
+pub struct Writes {
+    /// The sled batch being built.
+    batch: sled::Batch,
+    /// How many records it writes.
+    len: usize,
+}
+
+impl Writes {
+    /// Writes (or overwrites) a job record.
+    pub fn put_job(&mut self, rec: &JobRecord) {
+        self.batch.insert(&job_key(&rec.id())[..], rec.encode());
+        self.len += 1;
+    }
+
+    /// Records that `key` names `id`.
+    pub fn put_idempotency(&mut self, key: &str, id: JobId) {
+        self.batch.insert(idem_key(key), id.as_bytes().to_vec());
+        self.len += 1;
+    }
+
+    /// Whether nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How many records are written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Everything stored, read once at start-up.
+pub struct Snapshot {
+    /// Every job record, in creation order.
+    pub jobs: Vec<JobRecord>,
+    /// Every idempotency key and the job it names.
+    pub idempotency: Vec<(String, JobId)>,
+}
+
+fn job_key(id: &JobId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = JOB_PREFIX;
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+fn idem_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(IDEM_PREFIX);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            // The engine flushes and fsyncs after every group of writes.
+            .flush_every_ms(None)
+            .open()?;
+        let log_path = dir.join("db");
+        let log_file = File::open(&log_path).map_err(|source| StoreError::Sync {
+            path: log_path.clone(),
+            source,
+        })?;
+        Ok(Store {
+            db,
+            log_file,
+            log_path,
+        })
+    }
+
+    /// Applies a group of writes atomically (not yet durable: see [`Store::sync`]).
+    pub fn apply(&self, writes: Writes) -> Result<(), StoreError> {
+        if writes.len > 0 {
+            self.db.apply_batch(writes.batch)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every applied write durable: sled's flush, then a real fsync.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.log_file
+            .sync_data()
+            .map_err(|source| StoreError::Sync {
+                path: self.log_path.clone(),
+                source,
+            })
+    }
+
+    /// One job record.
+    pub fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        match self.db.get(job_key(&id))? {
+            Some(v) => Ok(Some(JobRecord::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Job records in creation order, starting after `after` (or at the first).
+    pub fn scan_jobs(
+        &self,
+        after: Option<JobId>,
+    ) -> impl Iterator<Item = Result<JobRecord, StoreError>> + '_ {
+        let start = match after {
+            Some(id) => {
+                let mut k = job_key(&id).to_vec();
+                k.push(0); // the smallest key after `id`'s
+                k
+            }
+            None => vec![JOB_PREFIX],
+        };
+        self.db.range(start..vec![JOB_PREFIX + 1]).map(|kv| {
+            let (_, v) = kv?;
+            Ok(JobRecord::decode(&v)?)
+        })
+    }
+
+    /// Reads everything, for rebuilding the in-memory model at start-up.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let jobs = self.scan_jobs(None).collect::<Result<Vec<_>, _>>()?;
+        let mut idempotency = Vec::new();
+        for kv in self.db.scan_prefix([IDEM_PREFIX]) {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k[1..]).into_owned();
+            let bytes: [u8; 16] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::CorruptIdempotency(key.clone()))?;
+            idempotency.push((key, JobId(uuid::Uuid::from_bytes(bytes))));
+        }
+        Ok(Snapshot { jobs, idempotency })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Job;
+
+    fn rec() -> JobRecord {
+        JobRecord {
+            job: Job {
+                id: JobId::generate().to_string(),
+                kind: "k".into(),
+                ..Default::default()
+            },
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn writes_survive_reopen_in_creation_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<_> = (0..5).map(|_| rec()).collect();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut w = Writes::default();
+            for r in recs.iter().rev() {
+                w.put_job(r);
+            }
+            w.put_idempotency("key-1", recs[2].id());
+            store.apply(w).unwrap();
+            store.sync().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let snap = store.snapshot().unwrap();
+        assert_eq!(snap.jobs, recs);
+        assert_eq!(snap.idempotency, vec![("key-1".to_string(), recs[2].id())]);
+        let after: Vec<_> = store
+            .scan_jobs(Some(recs[1].id()))
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(after, recs[2..].to_vec());
+        assert_eq!(store.get_job(recs[4].id()).unwrap(), Some(recs[4].clone()));
+        assert_eq!(store.get_job(JobId::generate()).unwrap(), None);
+    }
+}
