@@ -234,18 +234,7 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
         }
         Command::Heartbeat(w, g) => state.heartbeat(&w, g, now),
         Command::Complete(w, g, done) => {
-            let ack = state.complete(&w, g, done, now);
-            // The ack goes out on the session the completion came from.
-            if let Some(tx) = state.session_sender(&w, g) {
-                let msg = CoordinatorMessage {
-                    msg: Some(proto::coordinator_message::Msg::CompleteAck(ack)),
-                };
-                state.after_commit(Box::new(move |r| {
-                    if r.is_ok() {
-                        let _ = tx.send(msg);
-                    }
-                }));
-            }
+            state.complete(&w, g, done, now);
         }
         Command::Draining(w, g) => state.draining(&w, g, now),
         Command::Disconnected(w, g) => state.disconnected(&w, g),

@@ -136,16 +136,23 @@ impl Coordinator {
         health
             .set_serving::<proto::admin_service_server::AdminServiceServer<service::admin::Admin>>()
             .await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection = || {
+            // Each version's builder lists both reflection services, so `list`
+            // shows the same names whichever version a tool speaks.
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+        };
+        let reflection_v1 = reflection()
             .build_v1()
-            .expect("the embedded descriptor set is valid");
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .expect("the embedded descriptor sets are valid");
+        let reflection_v1alpha = reflection()
             .build_v1alpha()
-            .expect("the embedded descriptor set is valid");
+            .expect("the embedded descriptor sets are valid");
         let jobs = proto::job_service_server::JobServiceServer::new(service::jobs::Jobs::new(
             engine.clone(),
             self.config.max_payload,

@@ -1,0 +1,150 @@
+//! Job commands: submit, cancel, retry, read and watch.
+
+use std::time::SystemTime;
+
+use super::*;
+
+impl State {
+    /// Accepts validated jobs; a job whose idempotency key is known returns the
+    /// first job instead.
+    pub fn submit(
+        &mut self,
+        jobs: Vec<Job>,
+        now: SystemTime,
+        store: &Store,
+    ) -> Result<Vec<SubmitJobResponse>, Error> {
+        let mut results = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            if !job.idempotency_key.is_empty() {
+                if let Some(&existing) = self.idempotency.get(&job.idempotency_key) {
+                    results.push(SubmitJobResponse {
+                        job: Some(self.get_job(existing, store)?),
+                        deduplicated: true,
+                    });
+                    continue;
+                }
+            }
+            let id = JobId::generate();
+            job.id = id.to_string();
+            job.create_time = ts(now);
+            if !job.idempotency_key.is_empty() {
+                self.idempotency.insert(job.idempotency_key.clone(), id);
+                self.round.writes.put_idempotency(&job.idempotency_key, id);
+            }
+            let mut live = Live {
+                rec: JobRecord { job, lease: None },
+                ready: None,
+            };
+            self.arm_expiry(&live);
+            match live.run_time().filter(|t| *t > now) {
+                Some(at) => self.schedule_at(&mut live, at),
+                None => self.enqueue(&mut live, now),
+            }
+            results.push(SubmitJobResponse {
+                job: Some(live.rec.job.clone()),
+                deduplicated: false,
+            });
+            self.save(live, JobState::Unspecified);
+        }
+        Ok(results)
+    }
+
+    /// Cancels a job: at once unless it runs; a running one is marked.
+    pub fn cancel(
+        &mut self,
+        id: JobId,
+        reason: &str,
+        now: SystemTime,
+        store: &Store,
+    ) -> Result<Job, Error> {
+        let Some(mut live) = self.jobs.remove(&id) else {
+            let job = self.get_job(id, store)?;
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is already {}; only SCHEDULED, QUEUED or RUNNING jobs can be cancelled",
+                state_name(job.state())
+            )));
+        };
+        let old = live.rec.state();
+        let why = if reason.is_empty() {
+            "cancelled".to_string()
+        } else {
+            format!("cancelled: {reason}")
+        };
+        if old == JobState::Running {
+            live.rec.job.cancel_requested = true;
+            live.rec.job.error = why;
+        } else {
+            live.rec.job.error = why;
+            self.finish(&mut live, JobState::Cancelled, now);
+        }
+        let job = live.rec.job.clone();
+        self.save(live, old);
+        Ok(job)
+    }
+
+    /// Runs a FAILED, CANCELLED or EXPIRED job again, with fresh attempts.
+    pub fn retry(&mut self, id: JobId, now: SystemTime, store: &Store) -> Result<Job, Error> {
+        if let Some(live) = self.jobs.get(&id) {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is {}; only FAILED, CANCELLED or EXPIRED jobs can be retried",
+                state_name(live.rec.state())
+            )));
+        }
+        let rec = store
+            .get_job(id)?
+            .ok_or_else(|| Error::NotFound(format!("job {id} not found")))?;
+        let old = rec.state();
+        if !matches!(
+            old,
+            JobState::Failed | JobState::Cancelled | JobState::Expired
+        ) {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is {}; only FAILED, CANCELLED or EXPIRED jobs can be retried",
+                state_name(old)
+            )));
+        }
+        let mut live = Live { rec, ready: None };
+        let job = &mut live.rec.job;
+        job.attempt = 0;
+        job.error.clear();
+        job.result.clear();
+        job.cancel_requested = false;
+        job.start_time = None;
+        job.end_time = None;
+        job.run_time = None;
+        if live.expire_time().is_some_and(|t| t <= now) {
+            live.rec.job.expire_time = None;
+        }
+        self.arm_expiry(&live);
+        self.enqueue(&mut live, now);
+        let job = live.rec.job.clone();
+        self.save(live, old);
+        Ok(job)
+    }
+
+    /// One job, live or finished.
+    pub fn get_job(&self, id: JobId, store: &Store) -> Result<Job, Error> {
+        if let Some(live) = self.jobs.get(&id) {
+            return Ok(live.rec.job.clone());
+        }
+        match store.get_job(id)? {
+            Some(rec) => Ok(rec.job),
+            None => Err(Error::NotFound(format!("job {id} not found"))),
+        }
+    }
+
+    /// The job now, and a stream of its later changes (`None` when it is finished).
+    pub fn watch(
+        &mut self,
+        id: JobId,
+        store: &Store,
+    ) -> Result<(Job, Option<UnboundedReceiver<Job>>), Error> {
+        let job = self.get_job(id, store)?;
+        if is_terminal(job.state()) {
+            return Ok((job, None));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.watchers.entry(id).or_default().push(tx);
+        Ok((job, Some(rx)))
+    }
+}

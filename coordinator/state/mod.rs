@@ -1,0 +1,360 @@
+//! The in-memory dispatch model and every decision about jobs and leases.
+//!
+//! The store is the truth; this model is rebuilt from it at start-up
+//! ([`State::restore`]) and changed in step with it: each method stages its
+//! record writes and the effects that tell others about them (replies, `Assign`
+//! messages, watch updates) into the current [`Round`]. The engine applies the
+//! round's writes, makes them durable, and only then runs its effects, so nobody
+//! hears of a change before it is on disk. Apart from reading records of
+//! finished jobs, nothing here does I/O.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
+
+mod dispatch;
+mod jobs;
+mod reads;
+mod sessions;
+#[cfg(test)]
+mod tests;
+
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
+use crate::coordinator::backoff::retry_delay;
+use crate::coordinator::error::Error;
+use crate::coordinator::ids::{JobId, LeaseId};
+use crate::coordinator::ready::{ReadyIndex, Slot};
+use crate::coordinator::record::{JobRecord, Lease};
+use crate::coordinator::store::{Snapshot, Store, Writes};
+use crate::coordinator::workers::{SessionHandle, WorkerEntry, Workers};
+use crate::proto::{
+    self, complete, coordinator_message, Assign, Attempt, CompleteAck, CoordinatorMessage, Hello,
+    Job, JobState, LeaseRef, QueueStat, SubmitJobResponse, Welcome,
+};
+
+/// The coordinator settings that decisions depend on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A worker silent this long is lost, and its leases end.
+    pub lease_timeout: Duration,
+    /// How often workers are asked to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// `shutdown_grace` of jobs that do not set one.
+    pub default_shutdown_grace: Duration,
+}
+
+/// Something to do once the round's writes are durable. It is given the
+/// commit's outcome: `Err` carries why the writes could not be made durable.
+pub type Effect = Box<dyn FnOnce(Result<(), &str>) + Send>;
+
+/// The writes and effects staged since the last [`State::take_round`].
+#[derive(Default)]
+pub struct Round {
+    /// Record writes, applied as one atomic batch.
+    pub writes: Writes,
+    /// Whether the round wrote anything (set by the engine once it applied them).
+    pub dirty: bool,
+    /// Run in order after the writes are durable.
+    pub effects: Vec<Effect>,
+}
+
+/// A timer: something to look at when its time comes. Stale timers are
+/// harmless: each is checked against the current state when it fires.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    /// A SCHEDULED job's `run_time`.
+    Run(JobId),
+    /// A job's `expire_time`.
+    Expire(JobId),
+    /// A worker's lease deadline (`last_seen + lease_timeout`).
+    Worker(String),
+}
+
+/// A job that has not reached a terminal state.
+struct Live {
+    /// The job and its lease, as stored.
+    rec: JobRecord,
+    /// Where it sits in the ready index while QUEUED.
+    ready: Option<Slot>,
+}
+
+/// Job counts per state, per queue.
+#[derive(Default)]
+struct Stats {
+    /// Indexed by `JobState as usize`.
+    by_queue: HashMap<String, [u64; 8]>,
+}
+
+impl Stats {
+    fn moved(&mut self, queue: &str, from: JobState, to: JobState) {
+        if from == to {
+            return;
+        }
+        let counts = match self.by_queue.get_mut(queue) {
+            Some(c) => c,
+            None => self.by_queue.entry(queue.to_string()).or_default(),
+        };
+        if from != JobState::Unspecified {
+            counts[from as usize] = counts[from as usize].saturating_sub(1);
+        }
+        if to != JobState::Unspecified {
+            counts[to as usize] += 1;
+        }
+    }
+}
+
+/// Whether a job in `state` is finished for good.
+pub fn is_terminal(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Expired
+    )
+}
+
+fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+    Some(t.into())
+}
+
+fn state_name(s: JobState) -> &'static str {
+    s.as_str_name().trim_start_matches("JOB_STATE_")
+}
+
+/// The dispatch model.
+pub struct State {
+    /// Settings the decisions use.
+    settings: Settings,
+    /// Jobs not yet finished, by id.
+    jobs: HashMap<JobId, Live>,
+    /// Every idempotency key seen, and its job.
+    idempotency: HashMap<String, JobId>,
+    /// QUEUED jobs in dispatch order.
+    ready: ReadyIndex,
+    /// Timers, earliest first.
+    due: BTreeSet<(SystemTime, Due)>,
+    /// Connected and recently connected workers.
+    workers: Workers,
+    /// Counts for `GetQueueStats`.
+    stats: Stats,
+    /// Open `WatchJob` streams, by job.
+    watchers: HashMap<JobId, Vec<UnboundedSender<Job>>>,
+    /// What has been staged since the engine last took it.
+    round: Round,
+    /// Set when a job became ready or a slot freed since the last dispatch.
+    dispatch_needed: bool,
+    /// Source of backoff jitter.
+    rng: rand::rngs::StdRng,
+}
+
+impl State {
+    /// Rebuilds the model from everything stored. RUNNING jobs keep their
+    /// leases for one lease timeout from `now`, so their workers can reconnect.
+    pub fn restore(settings: Settings, snapshot: Snapshot, now: SystemTime) -> State {
+        let mut state = State {
+            settings,
+            jobs: HashMap::new(),
+            idempotency: snapshot.idempotency.into_iter().collect(),
+            ready: ReadyIndex::default(),
+            due: BTreeSet::new(),
+            workers: Workers::default(),
+            stats: Stats::default(),
+            watchers: HashMap::new(),
+            round: Round::default(),
+            dispatch_needed: true,
+            rng: rand::rngs::StdRng::from_entropy(),
+        };
+        for rec in snapshot.jobs {
+            let s = rec.state();
+            state.stats.moved(&rec.job.queue, JobState::Unspecified, s);
+            if is_terminal(s) {
+                continue;
+            }
+            let id = rec.id();
+            let mut live = Live { rec, ready: None };
+            state.arm_expiry(&live);
+            match (s, live.rec.lease.clone()) {
+                (JobState::Scheduled, _) => {
+                    let at = live.run_time().unwrap_or(now);
+                    state.due.insert((at, Due::Run(id)));
+                }
+                (JobState::Running, Some(lease)) => {
+                    let lease_timeout = state.settings.lease_timeout;
+                    let w = state
+                        .workers
+                        .map
+                        .entry(lease.worker_id.clone())
+                        .or_insert_with(|| WorkerEntry::restored(lease.worker_id.clone(), now));
+                    w.leases.insert(id, lease.id);
+                    state
+                        .due
+                        .insert((now + lease_timeout, Due::Worker(lease.worker_id)));
+                }
+                _ => {
+                    // QUEUED, or a RUNNING record without a lease (never written
+                    // by this code): ready to run.
+                    live.rec.job.state = JobState::Queued as i32;
+                    state.stats.moved(&live.rec.job.queue, s, JobState::Queued);
+                    state.enqueue(&mut live, now);
+                }
+            }
+            state.jobs.insert(id, live);
+        }
+        state
+    }
+
+    /// Seeds the jitter source, for reproducible tests.
+    pub fn seed_jitter(&mut self, seed: u64) {
+        self.rng = rand::rngs::StdRng::seed_from_u64(seed);
+    }
+
+    /// Takes what has been staged since the last call.
+    pub fn take_round(&mut self) -> Round {
+        std::mem::take(&mut self.round)
+    }
+
+    /// Stages an effect to run after the round's writes are durable.
+    pub fn after_commit(&mut self, effect: Effect) {
+        self.round.effects.push(effect);
+    }
+
+    /// When the earliest timer is due.
+    pub fn next_due(&self) -> Option<SystemTime> {
+        self.due.first().map(|(t, _)| *t)
+    }
+
+    /// Stores a job after a change: counts, record write, watchers; a finished
+    /// job leaves the model.
+    fn save(&mut self, live: Live, old: JobState) {
+        let new = live.rec.state();
+        self.stats.moved(&live.rec.job.queue, old, new);
+        self.round.writes.put_job(&live.rec);
+        let id = live.rec.id();
+        if is_terminal(new) {
+            if let Some(watchers) = self.watchers.remove(&id) {
+                let job = live.rec.job.clone();
+                self.after_commit(Box::new(move |r| {
+                    if r.is_ok() {
+                        for w in watchers {
+                            let _ = w.send(job.clone());
+                        }
+                    }
+                }));
+            }
+        } else {
+            if let Some(watchers) = self.watchers.get_mut(&id) {
+                watchers.retain(|w| !w.is_closed());
+                let senders = watchers.clone();
+                let job = live.rec.job.clone();
+                self.after_commit(Box::new(move |r| {
+                    if r.is_ok() {
+                        for w in senders {
+                            let _ = w.send(job.clone());
+                        }
+                    }
+                }));
+            }
+            self.jobs.insert(id, live);
+        }
+    }
+
+    fn enqueue(&mut self, live: &mut Live, now: SystemTime) {
+        let job = &mut live.rec.job;
+        job.state = JobState::Queued as i32;
+        let slot = Slot {
+            queue: job.queue.clone(),
+            kind: job.kind.clone(),
+            priority: job.priority,
+            since: now,
+        };
+        self.ready.insert(live.rec.id(), &slot);
+        live.ready = Some(slot);
+        self.dispatch_needed = true;
+    }
+
+    fn unready(&mut self, live: &mut Live) {
+        if let Some(slot) = live.ready.take() {
+            self.ready.remove(live.rec.id(), &slot);
+        }
+    }
+
+    fn schedule_at(&mut self, live: &mut Live, at: SystemTime) {
+        live.rec.job.state = JobState::Scheduled as i32;
+        live.rec.job.run_time = ts(at);
+        self.due.insert((at, Due::Run(live.rec.id())));
+    }
+
+    fn arm_expiry(&mut self, live: &Live) {
+        if let Some(at) = live.expire_time() {
+            self.due.insert((at, Due::Expire(live.rec.id())));
+        }
+    }
+
+    fn finish(&mut self, live: &mut Live, state: JobState, now: SystemTime) {
+        self.unready(live);
+        live.rec.lease = None;
+        live.rec.job.state = state as i32;
+        live.rec.job.end_time = ts(now);
+    }
+
+    /// After an attempt failed (or its lease was lost): retry with backoff, or
+    /// fail for good.
+    fn after_failed_attempt(&mut self, live: &mut Live, now: SystemTime, permanent: bool) {
+        live.rec.lease = None;
+        let job = &live.rec.job;
+        if job.cancel_requested {
+            self.finish(live, JobState::Cancelled, now);
+        } else if permanent || job.attempt >= job.max_attempts {
+            self.finish(live, JobState::Failed, now);
+        } else {
+            let policy = job.retry.unwrap_or_default();
+            let delay = retry_delay(&policy, job.attempt, self.rng.gen::<f64>());
+            if delay.is_zero() {
+                self.enqueue(live, now);
+            } else {
+                self.schedule_at(live, now + delay);
+            }
+        }
+    }
+
+    /// A lease ended without a completion: the attempt counts as failed.
+    fn lose_lease(&mut self, job: JobId, lease: LeaseId, now: SystemTime, why: &str) {
+        let Some(mut live) = self.jobs.remove(&job) else {
+            return;
+        };
+        if live.rec.lease.as_ref().map(|l| l.id) != Some(lease) {
+            self.jobs.insert(job, live);
+            return;
+        }
+        tracing::warn!(job = %job, lease = %lease, "{why}");
+        let old = live.rec.state();
+        end_attempt(&mut live, now, "lease_expired", why);
+        live.rec.job.error = why.to_string();
+        self.after_failed_attempt(&mut live, now, false);
+        self.save(live, old);
+        self.dispatch_needed = true;
+    }
+}
+
+impl Live {
+    fn run_time(&self) -> Option<SystemTime> {
+        self.rec
+            .job
+            .run_time
+            .and_then(|t| SystemTime::try_from(t).ok())
+    }
+
+    fn expire_time(&self) -> Option<SystemTime> {
+        self.rec
+            .job
+            .expire_time
+            .and_then(|t| SystemTime::try_from(t).ok())
+    }
+}
+
+fn end_attempt(live: &mut Live, now: SystemTime, outcome: &str, error: &str) {
+    if let Some(a) = live.rec.job.attempts.last_mut() {
+        a.end_time = ts(now);
+        a.outcome = outcome.to_string();
+        a.error = error.to_string();
+    }
+}

@@ -1,0 +1,496 @@
+//! Decision tests on explicit instants: no sleeping, no network.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::*;
+use crate::proto::{
+    self, complete::Outcome, coordinator_message::Msg, Failure, Interrupted, Success,
+};
+
+const LEASE: Duration = Duration::from_secs(10);
+
+struct Fixture {
+    state: State,
+    store: Store,
+    now: SystemTime,
+    _dir: tempfile::TempDir,
+}
+
+fn settings() -> Settings {
+    Settings {
+        lease_timeout: LEASE,
+        heartbeat_interval: Duration::from_secs(1),
+        default_shutdown_grace: Duration::from_secs(30),
+    }
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        Self::open(dir, store)
+    }
+
+    fn open(dir: tempfile::TempDir, store: Store) -> Fixture {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut state = State::restore(settings(), store.snapshot().unwrap(), now);
+        state.seed_jitter(7);
+        Fixture {
+            state,
+            store,
+            now,
+            _dir: dir,
+        }
+    }
+
+    /// Closes the store and rebuilds the model from it, as a restart does.
+    fn restart(self) -> Fixture {
+        let Fixture {
+            store, _dir, now, ..
+        } = self;
+        store.sync().unwrap();
+        drop(store);
+        let store = Store::open(_dir.path(), 1 << 20).unwrap();
+        let mut f = Self::open(_dir, store);
+        f.now = now;
+        f
+    }
+
+    /// What the engine does after deciding: timers, dispatch, write, effects.
+    fn commit(&mut self) {
+        self.state.fire_due(self.now);
+        self.state.dispatch(self.now);
+        let round = self.state.take_round();
+        self.store.apply(round.writes).unwrap();
+        for e in round.effects {
+            e(Ok(()));
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.commit();
+    }
+
+    fn submit(&mut self, job: Job) -> Job {
+        let job = crate::coordinator::validate::new_job("job", job, 1 << 20).unwrap();
+        let mut r = self.state.submit(vec![job], self.now, &self.store).unwrap();
+        self.commit();
+        r.pop().unwrap().job.unwrap()
+    }
+
+    fn get(&self, id: &str) -> Job {
+        self.state
+            .get_job(JobId::parse(id).unwrap(), &self.store)
+            .unwrap()
+    }
+
+    fn connect(&mut self, worker: &str, slots: u32, kinds: &[&str], held: Vec<LeaseRef>) -> Conn {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hello = Hello {
+            worker_id: worker.into(),
+            slots,
+            kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            held,
+            ..Default::default()
+        };
+        let generation = self.state.hello(hello, tx, self.now);
+        self.commit();
+        let mut conn = Conn {
+            worker: worker.into(),
+            generation,
+            rx,
+        };
+        match conn.next() {
+            Some(Msg::Welcome(_)) => {}
+            other => panic!("expected welcome first, got {other:?}"),
+        }
+        conn
+    }
+
+    fn complete(
+        &mut self,
+        conn: &Conn,
+        job_id: &str,
+        lease_id: &str,
+        outcome: Outcome,
+    ) -> CompleteAck {
+        let done = proto::Complete {
+            job_id: job_id.into(),
+            lease_id: lease_id.into(),
+            outcome: Some(outcome),
+        };
+        let ack = self
+            .state
+            .complete(&conn.worker, conn.generation, done, self.now);
+        self.commit();
+        ack
+    }
+}
+
+fn job(kind: &str, priority: i32) -> Job {
+    Job {
+        kind: kind.into(),
+        priority,
+        retry: Some(proto::RetryPolicy {
+            initial_backoff: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            max_backoff: Some(prost_types::Duration {
+                seconds: 4,
+                nanos: 0,
+            }),
+            multiplier: 2.0,
+        }),
+        ..Default::default()
+    }
+}
+
+struct Conn {
+    worker: String,
+    generation: u64,
+    rx: UnboundedReceiver<CoordinatorMessage>,
+}
+
+impl Conn {
+    fn next(&mut self) -> Option<Msg> {
+        self.rx.try_recv().ok().and_then(|m| m.msg)
+    }
+
+    fn assign(&mut self) -> proto::Assign {
+        match self.next() {
+            Some(Msg::Assign(a)) => a,
+            other => panic!("expected an assign, got {other:?}"),
+        }
+    }
+
+    fn nothing(&mut self) {
+        if let Ok(m) = self.rx.try_recv() {
+            panic!("expected nothing, got {m:?}");
+        }
+    }
+}
+
+fn success() -> Outcome {
+    Outcome::Success(Success {
+        result: b"ok".to_vec(),
+    })
+}
+
+fn failure(permanent: bool) -> Outcome {
+    Outcome::Failure(Failure {
+        error: "boom".into(),
+        permanent,
+    })
+}
+
+#[test]
+fn dispatches_by_priority_then_age_within_slots() {
+    let mut f = Fixture::new();
+    let low = f.submit(job("k", 0));
+    let high1 = f.submit(job("k", 5));
+    let high2 = f.submit(job("k", 5));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let a = w.assign();
+        w.nothing(); // one slot: one job at a time
+        let id = a.job.unwrap().id;
+        order.push(id.clone());
+        assert!(f.complete(&w, &id, &a.lease_id, success()).accepted);
+        let _ack = w.next();
+    }
+    assert_eq!(order, vec![high1.id, high2.id, low.id.clone()]);
+    let done = f.get(&low.id);
+    assert_eq!(done.state(), JobState::Succeeded);
+    assert_eq!(done.result, b"ok");
+    assert_eq!(done.attempts.len(), 1);
+    assert_eq!(done.attempts[0].outcome, "succeeded");
+}
+
+#[test]
+fn honours_kinds_and_queues() {
+    let mut f = Fixture::new();
+    let a = f.submit(job("a", 0));
+    let mut other = job("a", 0);
+    other.queue = "other".into();
+    f.submit(other);
+    let b = f.submit(job("b", 0));
+    let mut w = f.connect("w1", 4, &["b"], vec![]);
+    assert_eq!(w.assign().job.unwrap().id, b.id);
+    w.nothing();
+    assert_eq!(f.get(&a.id).state(), JobState::Queued);
+}
+
+#[test]
+fn a_silent_worker_loses_its_lease_and_the_job_is_retried_as_a_new_attempt() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    // Heartbeats keep the lease past one timeout.
+    f.advance(LEASE - Duration::from_secs(1));
+    f.state.heartbeat("w1", w.generation, f.now);
+    f.advance(LEASE - Duration::from_secs(1));
+    assert_eq!(f.get(&j.id).state(), JobState::Running);
+    // Then silence.
+    f.advance(LEASE);
+    let lost = f.get(&j.id);
+    assert_eq!(
+        lost.state(),
+        JobState::Scheduled,
+        "retry waits for its backoff"
+    );
+    assert_eq!(lost.attempts[0].outcome, "lease_expired");
+    assert!(
+        w.rx.try_recv().is_err(),
+        "the lost worker's stream is closed"
+    );
+    // The stale lease is fenced.
+    let mut w2 = f.connect("w2", 1, &[], vec![]);
+    assert!(!f.complete(&w2, &j.id, &a.lease_id, success()).accepted);
+    let _ack = w2.next();
+    f.advance(Duration::from_secs(2));
+    let a2 = w2.assign();
+    assert_eq!(a2.job.unwrap().attempt, 2);
+}
+
+#[test]
+fn a_stale_complete_is_rejected_and_changes_nothing() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    let before = f.get(&j.id);
+    let wrong = LeaseId::generate().to_string();
+    let ack = f.complete(&w, &j.id, &wrong, success());
+    assert!(!ack.accepted);
+    assert!(ack.reason.contains("stale lease"), "{}", ack.reason);
+    assert_eq!(f.get(&j.id), before);
+    assert!(f.complete(&w, &j.id, &a.lease_id, success()).accepted);
+    assert!(
+        !f.complete(&w, &j.id, &a.lease_id, success()).accepted,
+        "a second completion is stale"
+    );
+}
+
+#[test]
+fn a_reconnecting_worker_keeps_the_leases_it_names() {
+    let mut f = Fixture::new();
+    let j1 = f.submit(job("k", 0));
+    let j2 = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 2, &[], vec![]);
+    let a1 = w.assign();
+    let _a2 = w.assign();
+    f.state.disconnected("w1", w.generation);
+    f.advance(Duration::from_secs(3));
+    let held = vec![LeaseRef {
+        job_id: j1.id.clone(),
+        lease_id: a1.lease_id.clone(),
+    }];
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let generation = f.state.hello(
+        Hello {
+            worker_id: "w1".into(),
+            slots: 2,
+            held,
+            ..Default::default()
+        },
+        tx,
+        f.now,
+    );
+    f.commit();
+    let Some(Msg::Welcome(welcome)) = rx.try_recv().unwrap().msg else {
+        panic!("expected welcome")
+    };
+    assert_eq!(welcome.resumed.len(), 1);
+    assert!(welcome.rejected.is_empty());
+    // j2 was not named: its lease ended, and it is retried (after backoff).
+    assert_eq!(f.get(&j2.id).state(), JobState::Scheduled);
+    let w2 = Conn {
+        worker: "w1".into(),
+        generation,
+        rx,
+    };
+    assert!(f.complete(&w2, &j1.id, &a1.lease_id, success()).accepted);
+    assert_eq!(f.get(&j1.id).state(), JobState::Succeeded);
+}
+
+#[test]
+fn leases_survive_a_restart_for_one_lease_timeout() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    let mut f = f.restart();
+    assert_eq!(f.get(&j.id).state(), JobState::Running);
+    let held = vec![LeaseRef {
+        job_id: j.id.clone(),
+        lease_id: a.lease_id.clone(),
+    }];
+    let w = f.connect("w1", 1, &[], held);
+    assert!(f.complete(&w, &j.id, &a.lease_id, success()).accepted);
+    let done = f.get(&j.id);
+    assert_eq!(
+        (done.state(), done.attempt, done.attempts.len()),
+        (JobState::Succeeded, 1, 1)
+    );
+
+    // Without a reconnect, the restored lease ends after the timeout.
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w2", 1, &[], vec![]);
+    w.assign();
+    let mut f = f.restart();
+    f.advance(LEASE);
+    assert_eq!(f.get(&j.id).state(), JobState::Scheduled);
+}
+
+#[test]
+fn failures_retry_with_backoff_until_attempts_run_out() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    for attempt in 1..=3 {
+        let a = w.assign();
+        assert_eq!(a.job.as_ref().unwrap().attempt, attempt);
+        assert!(f.complete(&w, &j.id, &a.lease_id, failure(false)).accepted);
+        let _ack = w.next();
+        if attempt < 3 {
+            let job = f.get(&j.id);
+            assert_eq!(job.state(), JobState::Scheduled);
+            let wait = SystemTime::try_from(job.run_time.unwrap())
+                .unwrap()
+                .duration_since(f.now)
+                .unwrap();
+            let base = Duration::from_secs(1 << (attempt - 1));
+            assert!(
+                wait >= base / 2 && wait <= base,
+                "attempt {attempt}: {wait:?}"
+            );
+            f.advance(wait - Duration::from_millis(1));
+            w.nothing();
+            f.advance(Duration::from_millis(1));
+        }
+    }
+    let failed = f.get(&j.id);
+    assert_eq!(failed.state(), JobState::Failed);
+    assert_eq!(failed.error, "boom");
+    assert_eq!(failed.attempts.len(), 3);
+}
+
+#[test]
+fn a_permanent_failure_is_not_retried() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    f.complete(&w, &j.id, &a.lease_id, failure(true));
+    assert_eq!(f.get(&j.id).state(), JobState::Failed);
+    assert_eq!(f.get(&j.id).attempt, 1);
+}
+
+#[test]
+fn an_interrupted_attempt_is_requeued_without_using_an_attempt() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    let interrupted = Outcome::Interrupted(Interrupted {
+        reason: "worker draining".into(),
+    });
+    f.complete(&w, &j.id, &a.lease_id, interrupted);
+    let _ack = w.next();
+    let again = w.assign().job.unwrap();
+    assert_eq!(again.attempt, 1);
+    assert_eq!(again.attempts[0].outcome, "interrupted");
+}
+
+#[test]
+fn delayed_and_expiring_jobs() {
+    let mut f = Fixture::new();
+    let mut delayed = job("k", 0);
+    delayed.run_time = Some((f.now + Duration::from_secs(60)).into());
+    let delayed = f.submit(delayed);
+    assert_eq!(delayed.state(), JobState::Scheduled);
+    let mut expiring = job("other-kind", 0);
+    expiring.expire_time = Some((f.now + Duration::from_secs(30)).into());
+    let expiring = f.submit(expiring);
+    f.advance(Duration::from_secs(59));
+    assert_eq!(f.get(&expiring.id).state(), JobState::Expired);
+    let mut w = f.connect("w1", 1, &["k"], vec![]);
+    w.nothing();
+    f.advance(Duration::from_secs(1));
+    assert_eq!(w.assign().job.unwrap().id, delayed.id);
+}
+
+#[test]
+fn idempotency_cancel_and_retry() {
+    let mut f = Fixture::new();
+    let mut keyed = job("k", 0);
+    keyed.idempotency_key = "once".into();
+    let first = f.submit(keyed.clone());
+    let keyed = crate::coordinator::validate::new_job("job", keyed, 100).unwrap();
+    let again = f
+        .state
+        .submit(vec![keyed], f.now, &f.store)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(again.deduplicated);
+    assert_eq!(again.job.unwrap().id, first.id);
+
+    let id = JobId::parse(&first.id).unwrap();
+    let cancelled = f.state.cancel(id, "not needed", f.now, &f.store).unwrap();
+    f.commit();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    let err = f.state.cancel(id, "", f.now, &f.store).unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    let retried = f.state.retry(id, f.now, &f.store).unwrap();
+    f.commit();
+    assert_eq!((retried.state(), retried.attempt), (JobState::Queued, 0));
+    let err = f.state.retry(id, f.now, &f.store).unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)));
+    let missing = f
+        .state
+        .cancel(JobId::generate(), "", f.now, &f.store)
+        .unwrap_err();
+    assert!(matches!(missing, Error::NotFound(_)));
+
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    let running = f.state.cancel(id, "", f.now, &f.store).unwrap();
+    f.commit();
+    assert!(running.cancel_requested);
+    assert_eq!(running.state(), JobState::Running);
+    f.complete(&w, &first.id, &a.lease_id, failure(false));
+    assert_eq!(
+        f.get(&first.id).state(),
+        JobState::Cancelled,
+        "a cancelled job is not retried"
+    );
+}
+
+#[test]
+fn queue_stats_count_every_state() {
+    let mut f = Fixture::new();
+    f.submit(job("k", 0));
+    f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    f.advance(Duration::from_secs(5));
+    let stats = f.state.queue_stats("default", f.now);
+    assert_eq!((stats[0].queued, stats[0].running), (1, 1));
+    assert_eq!(stats[0].oldest_queued_age.unwrap().seconds, 5);
+    let id = a.job.unwrap().id;
+    f.complete(&w, &id, &a.lease_id, success());
+    let f = f.restart();
+    let stats = f.state.queue_stats("", f.now);
+    assert_eq!(
+        (stats[0].succeeded, stats[0].queued, stats[0].running),
+        (1, 0, 1)
+    );
+}
