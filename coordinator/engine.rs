@@ -369,3 +369,79 @@ fn run_effects(effects: Vec<Effect>, r: Result<(), &str>) {
         effect(r);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::clock::SystemClock;
+    use crate::coordinator::state::Settings;
+    use crate::proto::JobState;
+
+    fn start(dir: &std::path::Path) -> (Engine, EngineTask, CancellationToken) {
+        let store = Arc::new(Store::open(dir, 1 << 20).unwrap());
+        let settings = Settings {
+            lease_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            default_shutdown_grace: Duration::from_secs(30),
+        };
+        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
+        let stop = CancellationToken::new();
+        let (engine, task) = Engine::start(state, store, Arc::new(SystemClock), stop.clone());
+        (engine, task, stop)
+    }
+
+    fn job(i: usize) -> Job {
+        crate::coordinator::validate::new_job(
+            "job",
+            Job {
+                kind: format!("k{i}"),
+                ..Default::default()
+            },
+            1024,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_a_thousand_jobs_costs_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, task, stop) = start(dir.path());
+        let before = engine.store_handle().sync_count();
+        let results = engine.submit((0..1000).map(job).collect()).await.unwrap();
+        assert_eq!(results.len(), 1000);
+        assert_eq!(engine.store_handle().sync_count() - before, 1);
+        stop.cancel();
+        task.wait().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_submits_share_syncs_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, task, stop) = start(dir.path());
+        let before = engine.store_handle().sync_count();
+        let calls: Vec<_> = (0..64)
+            .map(|i| {
+                let e = engine.clone();
+                tokio::spawn(async move { e.submit(vec![job(i)]).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for c in calls {
+            let r = c.await.unwrap().unwrap();
+            ids.push(r[0].job.as_ref().unwrap().id.clone());
+        }
+        let syncs = engine.store_handle().sync_count() - before;
+        assert!(syncs < 64, "64 concurrent submits took {syncs} syncs");
+        stop.cancel();
+        task.wait().await;
+        drop(engine);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        for id in ids {
+            let rec = store
+                .get_job(JobId::parse(&id).unwrap())
+                .unwrap()
+                .expect("acknowledged job stored");
+            assert_eq!(rec.state(), JobState::Queued);
+        }
+    }
+}

@@ -50,6 +50,9 @@ pub struct Store {
     log_file: File,
     /// Its path, for error messages.
     log_path: PathBuf,
+    /// How many syncs have completed: group commit keeps this far below the
+    /// number of writes.
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 /// An atomic group of record writes.
@@ -126,6 +129,7 @@ impl Store {
             db,
             log_file,
             log_path,
+            syncs: Default::default(),
         })
     }
 
@@ -145,7 +149,15 @@ impl Store {
             .map_err(|source| StoreError::Sync {
                 path: self.log_path.clone(),
                 source,
-            })
+            })?;
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many syncs have completed since the store was opened.
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// One job record.
