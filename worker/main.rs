@@ -1,1 +1,74 @@
-fn main() {}
+//! `rota-worker`: runs each job kind as a command from its config file.
+//!
+//! A thin CLI over [`rota::worker`]: parse flags, init tracing, load the config,
+//! map SIGTERM/SIGINT to drain (first) and stop now (second), run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use rota::worker::{ShutdownHandle, WorkerConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// Run Rota jobs as commands.
+#[derive(Debug, Parser)]
+#[command(name = "rota-worker", version, about)]
+struct Cli {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "ROTA_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// The worker config file (TOML).
+    #[arg(long, env = "ROTA_WORKER_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = WorkerConfig::load(&cli.config)
+        .with_context(|| format!("loading config {}", cli.config.display()))?;
+    let worker = config
+        .worker_builder(&cli.coordinator)?
+        .build()
+        .context("building the worker")?;
+    info!(worker = %worker.worker_id(), coordinator = %cli.coordinator, "rota-worker starting");
+
+    let shutdown = ShutdownHandle::new();
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = sigterm.recv() => {}, _ = sigint.recv() => {} }
+        info!("signal received, draining (signal again to stop now)");
+        signals.drain();
+        tokio::select! { _ = sigterm.recv() => {}, _ = sigint.recv() => {} }
+        warn!("second signal received, stopping now");
+        signals.stop_now();
+    });
+
+    let summary = worker.run_with(shutdown).await;
+    if summary.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        warn!(
+            stopped_now = summary.stopped_now,
+            unacknowledged = summary.unacknowledged,
+            abandoned = summary.abandoned,
+            "worker did not drain cleanly"
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
