@@ -475,7 +475,7 @@ impl Driver {
             let complete = self.ledger.refuse(key, outcome);
             return self.send(worker_message::Msg::Complete(complete)).await;
         };
-        info!(
+        debug!(
             job = %key.job_id,
             lease = %key.lease_id,
             kind = %job.kind,
@@ -522,7 +522,7 @@ impl Driver {
             Some(Outcome::Interrupted(i)) => {
                 info!(job = %key.job_id, lease = %key.lease_id, reason = %i.reason, "task interrupted");
             }
-            _ => info!(job = %key.job_id, lease = %key.lease_id, "task succeeded"),
+            _ => debug!(job = %key.job_id, lease = %key.lease_id, "task succeeded"),
         }
         self.send(worker_message::Msg::Complete(complete)).await;
     }
