@@ -1,0 +1,839 @@
+//! The end-to-end harness: starts the real `rota-coordinator` and `rota-worker` binaries on
+//! port 0 in temp dirs, kills them by pid on drop, and offers clients, a raw worker session and
+//! bounded polling helpers.
+//!
+//! Every wait is a poll for a condition with a bound; nothing sleeps "long enough". On a test
+//! failure each process prints the tail of its log file (and the file's path) to stderr.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rota::proto::admin_service_client::AdminServiceClient;
+use rota::proto::coordinator_message::Msg as CoordMsg;
+use rota::proto::job_service_client::JobServiceClient;
+use rota::proto::worker_message::Msg as WorkerMsg;
+use rota::proto::worker_service_client::WorkerServiceClient;
+use rota::proto::{
+    complete, Assign, Complete, CompleteAck, CoordinatorMessage, GetJobRequest, Heartbeat, Hello,
+    Job, JobState, ListJobsRequest, ListWorkersRequest, Welcome, Worker as WorkerInfo,
+    WorkerMessage,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// The bound on every poll and start-up wait: generous, for a loaded 2-core machine.
+pub const BOUND: Duration = Duration::from_secs(30);
+
+/// How often `wait_for` and friends re-check their condition.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// How long `terminate` waits after SIGTERM before it sends SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(15);
+
+/// Lines of a log file printed when a test fails.
+const LOG_TAIL_LINES: usize = 150;
+
+/// Numbers log and config files, so several processes can share one dir.
+static NEXT_FILE: AtomicUsize = AtomicUsize::new(0);
+
+fn next_file_number() -> usize {
+    NEXT_FILE.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Sends `signal` to `pid`. Errors (the process is already gone) are ignored.
+fn send_signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; pid is one of our own children.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Opens a log file for appending (several runs of one coordinator share it).
+fn open_log(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open log file {}: {e}", path.display()))
+}
+
+/// The last `LOG_TAIL_LINES` lines of a log file, for failure messages.
+pub fn log_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let mut bytes = Vec::new();
+        let _ = f.read_to_end(&mut bytes);
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+    lines[from..].join("\n")
+}
+
+/// Stops a child: SIGTERM, then `wait_or_kill`.
+fn terminate_child(child: &mut Child, grace: Duration) -> ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    send_signal(child.id(), libc::SIGTERM);
+    wait_or_kill(child, grace)
+}
+
+/// Waits up to `grace` for a child to exit, then SIGKILLs it and waits.
+fn wait_or_kill(child: &mut Child, grace: Duration) -> ExitStatus {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) => std::thread::sleep(POLL_EVERY),
+            Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+        }
+    }
+    eprintln!(
+        "pid {} did not exit within {grace:?}; sending SIGKILL",
+        child.id()
+    );
+    let _ = child.kill();
+    child.wait().expect("wait after SIGKILL")
+}
+
+/// Kills a child with SIGKILL and reaps it.
+fn kill9_child(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    send_signal(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+}
+
+/// A running `rota-coordinator`. Killed (SIGKILL, by pid) on drop.
+pub struct Coordinator {
+    /// The process; `None` between a stop and a restart.
+    child: Option<Child>,
+    /// The bound address, kept across restarts so workers can reconnect to it.
+    addr: SocketAddr,
+    /// The sled directory, kept across restarts.
+    data_dir: PathBuf,
+    /// stderr (and stdout after the address line) of every run, appended.
+    log_path: PathBuf,
+    /// The extra flags, repeated on restart.
+    extra_args: Vec<String>,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with its data in `dir/data` and its log in `dir/coordinator-N.log`,
+    /// listening on `127.0.0.1:0`, and waits for its `listening on ADDR` line.
+    pub fn start(dir: impl AsRef<Path>, extra_args: &[&str]) -> Coordinator {
+        let dir = dir.as_ref();
+        let data_dir = dir.join("data");
+        let log_path = dir.join(format!("coordinator-{}.log", next_file_number()));
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn_coordinator("127.0.0.1:0", &data_dir, &log_path, &extra_args)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Coordinator {
+            child: Some(child),
+            addr,
+            data_dir,
+            log_path,
+            extra_args,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id of the running coordinator.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("coordinator is not running")
+            .id()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// SIGKILL: a crash. The data dir stays for `restart`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill9_child(&mut child);
+        }
+    }
+
+    /// SIGTERM, then waits (SIGKILL after a bound). Returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("coordinator is not running");
+        terminate_child(&mut child, TERM_GRACE)
+    }
+
+    /// Sends `signal` and waits for the exit (SIGKILL after a bound). Returns the exit status.
+    pub fn signal_and_wait(&mut self, signal: libc::c_int) -> ExitStatus {
+        let mut child = self.child.take().expect("coordinator is not running");
+        send_signal(child.id(), signal);
+        wait_or_kill(&mut child, TERM_GRACE)
+    }
+
+    /// Starts the coordinator again on the same data dir and the same address (so workers
+    /// reconnect to it). Stops it with SIGTERM first if it is still running.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        let listen = self.addr.to_string();
+        let deadline = Instant::now() + BOUND;
+        // The port was free a moment ago; retry in case the start-up loses a race for it.
+        loop {
+            match spawn_coordinator(&listen, &self.data_dir, &self.log_path, &self.extra_args) {
+                Ok((child, addr)) => {
+                    assert_eq!(addr, self.addr, "restarted coordinator moved address");
+                    self.child = Some(child);
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("coordinator restart failed, retrying: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill9_child(&mut child);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- coordinator log {} (last {LOG_TAIL_LINES} lines) ---\n{}\n--- end ---",
+                self.log_path.display(),
+                log_tail(&self.log_path)
+            );
+        }
+    }
+}
+
+/// Spawns `rota-coordinator` and waits (bounded) for its `listening on ADDR` line. On failure
+/// the process is killed and the error carries the log tail.
+fn spawn_coordinator(
+    listen: &str,
+    data_dir: &Path,
+    log_path: &Path,
+    extra_args: &[String],
+) -> Result<(Child, SocketAddr), String> {
+    let mut log = open_log(log_path);
+    let _ = writeln!(
+        log,
+        "=== harness: starting rota-coordinator --listen {listen}"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rota-coordinator"))
+        .arg("--listen")
+        .arg(listen)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra_args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.try_clone().expect("clone log handle"))
+        .spawn()
+        .map_err(|e| format!("cannot spawn rota-coordinator: {e}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+
+    // A thread reads stdout: it reports the address line, then copies the rest into the log
+    // so the pipe never fills up.
+    let (tx, rx) = std_mpsc::channel::<SocketAddr>();
+    let mut copy = log;
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let addr = line
+                .trim()
+                .strip_prefix("listening on ")
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            match (addr, tx.as_ref()) {
+                (Some(addr), Some(sender)) => {
+                    let _ = sender.send(addr);
+                    tx = None;
+                }
+                _ => {
+                    let _ = writeln!(copy, "[stdout] {line}");
+                }
+            }
+        }
+    });
+
+    match rx.recv_timeout(BOUND) {
+        Ok(addr) => Ok((child, addr)),
+        Err(e) => {
+            let status = child.try_wait().ok().flatten();
+            kill9_child(&mut child);
+            let why = match e {
+                std_mpsc::RecvTimeoutError::Timeout => format!("no address line within {BOUND:?}"),
+                std_mpsc::RecvTimeoutError::Disconnected => {
+                    format!("stdout closed before the address line (exit: {status:?})")
+                }
+            };
+            Err(format!(
+                "rota-coordinator did not print `listening on ADDR`: {why}\nlog {}:\n{}",
+                log_path.display(),
+                log_tail(log_path)
+            ))
+        }
+    }
+}
+
+/// A running `rota-worker`. Killed (SIGKILL, by pid) on drop.
+pub struct Worker {
+    /// The process; `None` once stopped.
+    child: Option<Child>,
+    /// stdout and stderr of the worker.
+    log_path: PathBuf,
+    /// The TOML config it was started with.
+    config_path: PathBuf,
+}
+
+impl Worker {
+    /// Writes `config` (TOML) to `dir/worker-N.toml` and starts
+    /// `rota-worker --coordinator URL --config FILE`, logging to `dir/worker-N.log`.
+    /// Readiness is the caller's: see `wait_worker_connected`.
+    pub fn start(url: &str, config: &str, dir: impl AsRef<Path>) -> Worker {
+        let dir = dir.as_ref();
+        let n = next_file_number();
+        let config_path = dir.join(format!("worker-{n}.toml"));
+        let log_path = dir.join(format!("worker-{n}.log"));
+        std::fs::write(&config_path, config).expect("write worker config");
+        let log = open_log(&log_path);
+        let child = Command::new(env!("CARGO_BIN_EXE_rota-worker"))
+            .arg("--coordinator")
+            .arg(url)
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn rota-worker: {e}"));
+        Worker {
+            child: Some(child),
+            log_path,
+            config_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("worker is not running").id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// SIGKILL: the worker dies without a word to the coordinator.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill9_child(&mut child);
+        }
+    }
+
+    /// SIGTERM (drain), then waits (SIGKILL after a bound). Returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("worker is not running");
+        terminate_child(&mut child, TERM_GRACE)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill9_child(&mut child);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- worker log {} (config {}; last {LOG_TAIL_LINES} lines) ---\n{}\n--- end ---",
+                self.log_path.display(),
+                self.config_path.display(),
+                log_tail(&self.log_path)
+            );
+        }
+    }
+}
+
+/// Kills, on drop, the process whose pid a job's command wrote to `path` (if any): a command
+/// orphaned by a `kill -9` of its worker must not outlive the test.
+pub struct PidFileGuard(pub PathBuf);
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string(&self.0) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                send_signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A worker config: one kind per `(name, shell script)`, run as `sh -c SCRIPT`.
+pub fn worker_config(
+    worker_id: &str,
+    queues: &[&str],
+    slots: u32,
+    kinds: &[(&str, &str)],
+) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = format!(
+        "worker_id = {}\nqueues = [{}]\nslots = {slots}\n",
+        quote(worker_id),
+        queues
+            .iter()
+            .map(|q| quote(q))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (name, script) in kinds {
+        out.push_str(&format!(
+            "\n[kinds.{name}]\ncommand = [\"sh\", \"-c\", {}]\n",
+            quote(script)
+        ));
+    }
+    out
+}
+
+/// A connected channel to `url`.
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string())
+        .expect("valid url")
+        .connect_timeout(BOUND)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+pub async fn job_client(url: &str) -> JobServiceClient<Channel> {
+    JobServiceClient::new(channel(url).await)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+pub async fn admin_client(url: &str) -> AdminServiceClient<Channel> {
+    AdminServiceClient::new(channel(url).await)
+}
+
+/// Polls `probe` every ~20 ms until it returns `Some`, and returns that value; panics after
+/// `bound` with a message naming `what`.
+pub async fn wait_until<T, F, Fut>(bound: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {bound:?} waiting for: {what}");
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `condition` every ~20 ms until it holds; panics after `bound` naming `what`.
+pub async fn wait_for<F, Fut>(bound: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_until(bound, what, || {
+        let fut = condition();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+pub fn is_terminal(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Expired
+    )
+}
+
+pub async fn get_job(client: &JobServiceClient<Channel>, id: &str) -> Job {
+    client
+        .clone()
+        .get_job(GetJobRequest { id: id.to_string() })
+        .await
+        .unwrap_or_else(|e| panic!("GetJob {id}: {e}"))
+        .into_inner()
+}
+
+/// Polls GetJob until the job is in `state` and returns it. Panics after `bound`, or at once
+/// if the job reaches a different terminal state (it would never get there).
+pub async fn wait_job_state(
+    client: &JobServiceClient<Channel>,
+    id: &str,
+    state: JobState,
+    bound: Duration,
+) -> Job {
+    let deadline = Instant::now() + bound;
+    loop {
+        let job = get_job(client, id).await;
+        let now = job.state();
+        if now == state {
+            return job;
+        }
+        if is_terminal(now) && now != state {
+            panic!("job {id} reached {now:?} while waiting for {state:?}: {job:#?}");
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {bound:?} waiting for job {id} to be {state:?}; last seen: {job:#?}");
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Every job, all pages of ListJobs with no filter.
+pub async fn list_all_jobs(client: &JobServiceClient<Channel>) -> Vec<Job> {
+    list_jobs(client, ListJobsRequest::default()).await
+}
+
+/// Every job matching `filter`, following page tokens.
+pub async fn list_jobs(client: &JobServiceClient<Channel>, filter: ListJobsRequest) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .clone()
+            .list_jobs(ListJobsRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                ..filter.clone()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ListJobs: {e}"))
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            return jobs;
+        }
+        assert_ne!(
+            page.next_page_token, token,
+            "ListJobs returned the same page token twice"
+        );
+        token = page.next_page_token;
+    }
+}
+
+pub async fn list_workers(admin: &AdminServiceClient<Channel>) -> Vec<WorkerInfo> {
+    admin
+        .clone()
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("ListWorkers: {e}"))
+        .into_inner()
+        .workers
+}
+
+/// Waits until `worker_id` is listed by ListWorkers and returns its entry.
+pub async fn wait_worker_connected(url: &str, worker_id: &str) -> WorkerInfo {
+    let admin = admin_client(url).await;
+    wait_until(BOUND, &format!("worker {worker_id} in ListWorkers"), || {
+        let admin = admin.clone();
+        async move {
+            list_workers(&admin)
+                .await
+                .into_iter()
+                .find(|w| w.worker_id == worker_id)
+        }
+    })
+    .await
+}
+
+/// A job of `kind` in the default queue, everything else default.
+pub fn job(kind: &str, payload: &[u8]) -> Job {
+    Job {
+        kind: kind.to_string(),
+        payload: payload.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+pub fn system_time(ts: &Option<prost_types::Timestamp>, what: &str) -> SystemTime {
+    let ts = ts.unwrap_or_else(|| panic!("{what} is unset"));
+    SystemTime::try_from(ts).unwrap_or_else(|e| panic!("{what} out of range: {e}"))
+}
+
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).expect("duration in range")
+}
+
+/// A `Hello` for a raw session: one slot on the default queue, handling `kinds`.
+pub fn hello(worker_id: &str, kinds: &[&str]) -> Hello {
+    Hello {
+        worker_id: worker_id.to_string(),
+        hostname: "e2e-test-host".to_string(),
+        queues: vec!["default".to_string()],
+        kinds: kinds.iter().map(|k| k.to_string()).collect(),
+        slots: 1,
+        ..Default::default()
+    }
+}
+
+/// The test acting as a worker over the raw `WorkerService.Session` stream.
+pub struct RawSession {
+    /// The outbound side of the stream.
+    pub tx: mpsc::Sender<WorkerMessage>,
+    /// The inbound side.
+    inbound: tonic::Streaming<CoordinatorMessage>,
+    /// Messages read while looking for another one.
+    buffered: VecDeque<CoordMsg>,
+    /// The coordinator's answer to our Hello.
+    pub welcome: Welcome,
+    /// Sends heartbeats while the session lives; `None` for a silent session.
+    heartbeats: Option<JoinHandle<()>>,
+}
+
+impl RawSession {
+    /// Opens a session, sends `hello`, waits for Welcome, and heartbeats at the interval the
+    /// Welcome asks for.
+    pub async fn open(url: &str, hello: Hello) -> RawSession {
+        let mut session = Self::open_silent(url, hello).await;
+        let every = session
+            .welcome
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_millis(200));
+        // Heartbeat at a third of the interval: a loaded machine must not make us look lost.
+        let every = (every / 3).max(Duration::from_millis(20));
+        let tx = session.tx.clone();
+        session.heartbeats = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let beat = WorkerMessage {
+                    msg: Some(WorkerMsg::Heartbeat(Heartbeat::default())),
+                };
+                if tx.send(beat).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        session
+    }
+
+    /// Opens a session and waits for Welcome, but never heartbeats: the coordinator should
+    /// lose this worker after its lease timeout.
+    pub async fn open_silent(url: &str, hello: Hello) -> RawSession {
+        let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
+        tx.send(WorkerMessage {
+            msg: Some(WorkerMsg::Hello(hello)),
+        })
+        .await
+        .expect("queue Hello");
+        let mut client = WorkerServiceClient::new(channel(url).await);
+        let inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap_or_else(|e| panic!("Session: {e}"))
+            .into_inner();
+        let mut session = RawSession {
+            tx,
+            inbound,
+            buffered: VecDeque::new(),
+            welcome: Welcome::default(),
+            heartbeats: None,
+        };
+        match session.next(BOUND).await {
+            CoordMsg::Welcome(w) => session.welcome = w,
+            other => panic!("expected Welcome first, got {other:?}"),
+        }
+        session
+    }
+
+    /// The next message from the coordinator (buffered ones first); panics after `bound` or
+    /// if the stream ends.
+    pub async fn next(&mut self, bound: Duration) -> CoordMsg {
+        if let Some(msg) = self.buffered.pop_front() {
+            return msg;
+        }
+        self.read(bound).await
+    }
+
+    async fn read(&mut self, bound: Duration) -> CoordMsg {
+        match self.read_within(bound).await {
+            Some(msg) => msg,
+            None => panic!("no message from the coordinator within {bound:?}"),
+        }
+    }
+
+    /// The next message from the stream, or `None` if none arrives within `wait`. Panics if the
+    /// stream ends or fails.
+    async fn read_within(&mut self, wait: Duration) -> Option<CoordMsg> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbound.next()).await {
+                Err(_) => return None,
+                Ok(None) => panic!("the coordinator ended the session stream"),
+                Ok(Some(Err(status))) => panic!("session stream failed: {status}"),
+                Ok(Some(Ok(CoordinatorMessage { msg: None }))) => continue,
+                Ok(Some(Ok(CoordinatorMessage { msg: Some(msg) }))) => return Some(msg),
+            }
+        }
+    }
+
+    /// The first message (buffered or new) that `pick` maps to `Some`; others stay buffered.
+    pub async fn next_matching<T>(
+        &mut self,
+        bound: Duration,
+        what: &str,
+        mut pick: impl FnMut(&CoordMsg) -> Option<T>,
+    ) -> T {
+        if let Some(i) = self.buffered.iter().position(|m| pick(m).is_some()) {
+            let msg = self.buffered.remove(i).expect("index in range");
+            return pick(&msg).expect("picked before");
+        }
+        let deadline = Instant::now() + bound;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(msg) = self.read_within(left).await else {
+                panic!(
+                    "no {what} within {bound:?}; other messages: {:?}",
+                    self.buffered
+                );
+            };
+            if let Some(value) = pick(&msg) {
+                return value;
+            }
+            self.buffered.push_back(msg);
+        }
+    }
+
+    /// The next Assign.
+    pub async fn next_assign(&mut self, bound: Duration) -> Assign {
+        self.next_matching(bound, "Assign", |m| match m {
+            CoordMsg::Assign(a) => Some(a.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends a Complete and waits for the CompleteAck for that job and lease.
+    pub async fn complete(
+        &mut self,
+        job_id: &str,
+        lease_id: &str,
+        outcome: complete::Outcome,
+    ) -> CompleteAck {
+        self.send(WorkerMsg::Complete(Complete {
+            job_id: job_id.to_string(),
+            lease_id: lease_id.to_string(),
+            outcome: Some(outcome),
+        }))
+        .await;
+        self.next_matching(
+            BOUND,
+            &format!("CompleteAck for {job_id}/{lease_id}"),
+            |m| match m {
+                CoordMsg::CompleteAck(a) if a.job_id == job_id && a.lease_id == lease_id => {
+                    Some(a.clone())
+                }
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    pub async fn send(&self, msg: WorkerMsg) {
+        self.tx
+            .send(WorkerMessage { msg: Some(msg) })
+            .await
+            .expect("session outbound stream closed");
+    }
+
+    /// The next message if one arrives within `wait` (buffered ones first): used to check that
+    /// nothing was pushed.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<CoordMsg> {
+        if let Some(msg) = self.buffered.pop_front() {
+            return Some(msg);
+        }
+        self.read_within(wait).await
+    }
+}
+
+impl Drop for RawSession {
+    fn drop(&mut self) {
+        if let Some(task) = self.heartbeats.take() {
+            task.abort();
+        }
+    }
+}
+
+pub fn success(result: &[u8]) -> complete::Outcome {
+    complete::Outcome::Success(rota::proto::Success {
+        result: result.to_vec(),
+    })
+}
+
+pub fn failure(error: &str, permanent: bool) -> complete::Outcome {
+    complete::Outcome::Failure(rota::proto::Failure {
+        error: error.to_string(),
+        permanent,
+    })
+}
+
+/// The path of an executable named `name` on PATH, if any.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
