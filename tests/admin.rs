@@ -6,25 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use rota::proto::{
-    CancelJobRequest, GetQueueStatsRequest, Job, JobState, LeaseRef, QueueStat, SubmitJobRequest,
-};
+use rota::proto::{CancelJobRequest, GetQueueStatsRequest, Job, JobState, LeaseRef, QueueStat};
 use tempfile::TempDir;
-use tonic::transport::Channel;
-
-type JobClient = rota::proto::job_service_client::JobServiceClient<Channel>;
-
-async fn submit_id(client: &JobClient, job: Job) -> String {
-    client
-        .clone()
-        .submit_job(SubmitJobRequest { job: Some(job) })
-        .await
-        .unwrap_or_else(|e| panic!("SubmitJob: {e}"))
-        .into_inner()
-        .job
-        .expect("response has a job")
-        .id
-}
 
 fn set(items: &[String]) -> BTreeSet<&str> {
     items.iter().map(String::as_str).collect()

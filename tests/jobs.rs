@@ -6,30 +6,8 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use rota::proto::{Job, JobState, RetryPolicy, SubmitJobRequest, SubmitJobResponse};
+use rota::proto::{Job, JobState, RetryPolicy};
 use tempfile::TempDir;
-use tonic::transport::Channel;
-
-type JobClient = rota::proto::job_service_client::JobServiceClient<Channel>;
-
-async fn submit(client: &JobClient, job: Job) -> SubmitJobResponse {
-    client
-        .clone()
-        .submit_job(SubmitJobRequest { job: Some(job) })
-        .await
-        .unwrap_or_else(|e| panic!("SubmitJob: {e}"))
-        .into_inner()
-}
-
-async fn submit_id(client: &JobClient, job: Job) -> String {
-    let id = submit(client, job)
-        .await
-        .job
-        .expect("response has a job")
-        .id;
-    assert!(!id.is_empty(), "submitted job has no id");
-    id
-}
 
 /// Retries 100 ms apart at first, so failing jobs finish fast.
 fn fast_retry() -> Option<RetryPolicy> {

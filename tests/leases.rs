@@ -5,26 +5,11 @@ mod common;
 
 use common::*;
 use rota::proto::coordinator_message::Msg as CoordMsg;
-use rota::proto::{Job, JobState, LeaseRef, SubmitJobRequest};
+use rota::proto::{JobState, LeaseRef};
 use tempfile::TempDir;
-use tonic::transport::Channel;
-
-type JobClient = rota::proto::job_service_client::JobServiceClient<Channel>;
 
 /// Short leases so the lost-worker tests are quick.
 const FAST_LEASES: &[&str] = &["--lease-timeout", "2s", "--heartbeat-interval", "300ms"];
-
-async fn submit_id(client: &JobClient, job: Job) -> String {
-    client
-        .clone()
-        .submit_job(SubmitJobRequest { job: Some(job) })
-        .await
-        .unwrap_or_else(|e| panic!("SubmitJob: {e}"))
-        .into_inner()
-        .job
-        .expect("response has a job")
-        .id
-}
 
 fn random_lease_id() -> String {
     uuid::Uuid::new_v4().to_string()

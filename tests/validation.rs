@@ -10,10 +10,7 @@ use rota::proto::{
     CancelJobRequest, GetJobRequest, Job, RetryPolicy, SubmitJobRequest, SubmitJobsRequest,
 };
 use tempfile::TempDir;
-use tonic::transport::Channel;
 use tonic::Code;
-
-type JobClient = rota::proto::job_service_client::JobServiceClient<Channel>;
 
 /// The coordinator's payload limit in these tests (`--max-payload 1MiB`).
 const MAX_PAYLOAD: usize = 1024 * 1024;

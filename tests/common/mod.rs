@@ -133,24 +133,42 @@ pub struct Coordinator {
     log_path: PathBuf,
     /// The extra flags, repeated on restart.
     extra_args: Vec<String>,
+    /// Extra environment variables, repeated on restart.
+    env: Vec<(String, String)>,
 }
 
 impl Coordinator {
     /// Starts a coordinator with its data in `dir/data` and its log in `dir/coordinator-N.log`,
     /// listening on `127.0.0.1:0`, and waits for its `listening on ADDR` line.
     pub fn start(dir: impl AsRef<Path>, extra_args: &[&str]) -> Coordinator {
+        Self::start_with_env(dir, extra_args, &[])
+    }
+
+    /// [`Coordinator::start`] with extra environment variables (`ROTA_*` settings).
+    pub fn start_with_env(
+        dir: impl AsRef<Path>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).expect("create the test directory");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let data_dir = dir.join("data");
         let log_path = dir.join(format!("coordinator-{}.log", next_file_number()));
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = spawn_coordinator("127.0.0.1:0", &data_dir, &log_path, &extra_args)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr) =
+            spawn_coordinator("127.0.0.1:0", &data_dir, &log_path, &extra_args, &env)
+                .unwrap_or_else(|e| panic!("{e}"));
         Coordinator {
             child: Some(child),
             addr,
             data_dir,
             log_path,
             extra_args,
+            env,
         }
     }
 
@@ -210,7 +228,13 @@ impl Coordinator {
         let deadline = Instant::now() + BOUND;
         // The port was free a moment ago; retry in case the start-up loses a race for it.
         loop {
-            match spawn_coordinator(&listen, &self.data_dir, &self.log_path, &self.extra_args) {
+            match spawn_coordinator(
+                &listen,
+                &self.data_dir,
+                &self.log_path,
+                &self.extra_args,
+                &self.env,
+            ) {
                 Ok((child, addr)) => {
                     assert_eq!(addr, self.addr, "restarted coordinator moved address");
                     self.child = Some(child);
@@ -248,6 +272,7 @@ fn spawn_coordinator(
     data_dir: &Path,
     log_path: &Path,
     extra_args: &[String],
+    env: &[(String, String)],
 ) -> Result<(Child, SocketAddr), String> {
     let mut log = open_log(log_path);
     let _ = writeln!(
@@ -260,6 +285,7 @@ fn spawn_coordinator(
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra_args)
+        .envs(env.iter().cloned())
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or("info".into()),
@@ -445,6 +471,30 @@ pub async fn channel(url: &str) -> Channel {
         .connect()
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// The job service's client.
+pub type JobClient = JobServiceClient<Channel>;
+
+/// Submits one job; panics on an error status.
+pub async fn submit(client: &JobClient, job: Job) -> rota::proto::SubmitJobResponse {
+    client
+        .clone()
+        .submit_job(rota::proto::SubmitJobRequest { job: Some(job) })
+        .await
+        .unwrap_or_else(|e| panic!("SubmitJob: {e}"))
+        .into_inner()
+}
+
+/// Submits one job and returns its id.
+pub async fn submit_id(client: &JobClient, job: Job) -> String {
+    let id = submit(client, job)
+        .await
+        .job
+        .expect("response has a job")
+        .id;
+    assert!(!id.is_empty(), "submitted job has no id");
+    id
 }
 
 pub async fn job_client(url: &str) -> JobServiceClient<Channel> {
