@@ -11,6 +11,44 @@
 pub mod coordinator;
 pub mod worker;
 
+/// Parsers for the durations and sizes that settings are written in, shared by
+/// the coordinator's and the worker's configs.
+pub mod units {
+    use std::time::Duration;
+
+    /// Parses a duration such as `500ms`, `2s`, `1m` or `1h 30m`.
+    pub fn parse_duration(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{s:?} is not a duration like 500ms, 2s or 1m ({e})"))
+    }
+
+    /// Parses a size such as `1048576`, `512KiB`, `1MiB`, `1MB` or `2GiB`.
+    pub fn parse_size(s: &str) -> Result<u64, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 1048576, 512KiB or 1MiB"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
 /// The generated wire contract, package `rota.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod proto {

@@ -112,22 +112,7 @@ impl std::str::FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let bad = || format!("invalid size {s:?}: expected e.g. 65536, \"512KiB\" or \"1MiB\"");
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "kib" => 1 << 10,
-            "mib" => 1 << 20,
-            "gib" => 1 << 30,
-            _ => return Err(bad()),
-        };
-        n.checked_mul(scale).map(Self).ok_or_else(bad)
+        crate::units::parse_size(s).map(Self)
     }
 }
 
@@ -289,7 +274,7 @@ mod tests {
         let err =
             WorkerConfig::from_toml("max_output = \"1 parsec\"\n[kinds.a]\ncommand = [\"x\"]\n")
                 .expect_err("bad size");
-        assert!(err.to_string().contains("invalid size"), "{err}");
+        assert!(err.to_string().contains("unknown size unit"), "{err}");
     }
 
     #[test]
