@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::clock::{Clock, SystemClock};
@@ -177,6 +176,10 @@ impl Coordinator {
             }
             stop.cancel();
         });
+        // Small messages (Assign, Complete) must not wait for Nagle's algorithm.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let server_stop = root.clone();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -187,7 +190,7 @@ impl Coordinator {
                 .add_service(jobs)
                 .add_service(sessions)
                 .add_service(admin)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     server_stop.cancelled().await
                 }),
         );
