@@ -190,9 +190,10 @@ impl Coordinator {
                 .add_service(jobs)
                 .add_service(sessions)
                 .add_service(admin)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    server_stop.cancelled().await
-                }),
+                .serve_with_incoming_shutdown(
+                    incoming,
+                    async move { server_stop.cancelled().await },
+                ),
         );
         root.cancelled().await;
         health
