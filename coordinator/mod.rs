@@ -16,6 +16,7 @@ pub mod error;
 pub mod ids;
 pub mod ready;
 pub mod record;
+pub mod schedule;
 pub mod service;
 pub mod state;
 pub mod store;
