@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = [
         "proto/rota/v1/jobs.proto",
+        "proto/rota/v1/schedules.proto",
         "proto/rota/v1/workers.proto",
         "proto/rota/v1/admin.proto",
     ];

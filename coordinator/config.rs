@@ -57,6 +57,8 @@ pub struct Config {
     pub default_shutdown_grace: Duration,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// Schedules declared in the config file, checked.
+    pub schedules: Vec<crate::proto::Schedule>,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             max_payload: 1 << 20,
             default_shutdown_grace: Duration::from_secs(30),
             cache_bytes: 256 << 20,
+            schedules: Vec::new(),
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct Settings {
     pub default_shutdown_grace: Option<String>,
     /// `--cache-size` / `ROTA_CACHE_SIZE` / `cache_size`.
     pub cache_size: Option<String>,
+    /// `[[schedules]]`, config file only.
+    pub schedules: Option<Vec<crate::coordinator::declared::DeclaredSchedule>>,
 }
 
 impl Settings {
@@ -118,6 +123,7 @@ impl Settings {
                 .default_shutdown_grace
                 .or(fallback.default_shutdown_grace),
             cache_size: self.cache_size.or(fallback.cache_size),
+            schedules: self.schedules.or(fallback.schedules),
         }
     }
 
@@ -141,6 +147,30 @@ impl Settings {
             Some(s) => parse_size(&s).map_err(|message| ConfigError::Invalid { setting, message }),
             None => Ok(default),
         };
+        let max_payload = size("max_payload", self.max_payload, d.max_payload as u64)? as usize;
+        let mut schedules = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, declared) in self.schedules.unwrap_or_default().iter().enumerate() {
+            let field = format!("schedules[{i}]");
+            let invalid = |message: String| ConfigError::Invalid {
+                setting: "schedules",
+                message,
+            };
+            let schedule = declared.to_proto(&field).map_err(invalid)?;
+            crate::coordinator::schedule::check::new_schedule(
+                &field,
+                schedule.clone(),
+                max_payload,
+            )
+            .map_err(|e| invalid(e.to_string()))?;
+            if !names.insert(schedule.name.clone()) {
+                return Err(invalid(format!(
+                    "{field}.name: {:?} is declared twice",
+                    schedule.name
+                )));
+            }
+            schedules.push(schedule);
+        }
         let config = Config {
             listen,
             data_dir: self.data_dir.unwrap_or(d.data_dir),
@@ -150,13 +180,14 @@ impl Settings {
                 self.heartbeat_interval,
                 d.heartbeat_interval,
             )?,
-            max_payload: size("max_payload", self.max_payload, d.max_payload as u64)? as usize,
+            max_payload,
             default_shutdown_grace: duration(
                 "default_shutdown_grace",
                 self.default_shutdown_grace,
                 d.default_shutdown_grace,
             )?,
             cache_bytes: size("cache_size", self.cache_size, d.cache_bytes)?,
+            schedules,
         };
         if config.lease_timeout.is_zero() {
             return Err(ConfigError::Invalid {

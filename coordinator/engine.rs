@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use crate::coordinator::clock::Clock;
 use crate::coordinator::error::Error;
 use crate::coordinator::ids::JobId;
+use crate::coordinator::schedule::spec::Spec;
 use crate::coordinator::state::{Effect, Round, State};
 use crate::coordinator::store::Store;
-use crate::proto::{self, CoordinatorMessage, Hello, Job, SubmitJobResponse};
+use crate::proto::{self, CoordinatorMessage, Hello, Job, Schedule, SubmitJobResponse};
 
 /// Most commands decided in one round, so one round's batch stays bounded.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
@@ -39,6 +40,11 @@ enum Command {
     Cancel(JobId, String, Reply<Job>),
     Retry(JobId, Reply<Job>),
     Hello(Hello, mpsc::UnboundedSender<CoordinatorMessage>, Reply<u64>),
+    PutSchedule(Box<(Schedule, Spec)>, Reply<Schedule>),
+    DeleteSchedule(String, Reply<()>),
+    PauseSchedule(String, Reply<Schedule>),
+    ResumeSchedule(String, Reply<Schedule>),
+    TriggerSchedule(String, Reply<Job>),
     Heartbeat(String, u64),
     Complete(String, u64, proto::Complete),
     Draining(String, u64),
@@ -155,6 +161,52 @@ impl Engine {
         self.call(|r| Command::Hello(hello, tx, r)).await
     }
 
+    /// Creates or replaces a validated schedule.
+    pub async fn put_schedule(&self, schedule: Schedule, spec: Spec) -> Result<Schedule, Error> {
+        self.call(|r| Command::PutSchedule(Box::new((schedule, spec)), r))
+            .await
+    }
+
+    /// Deletes a schedule.
+    pub async fn delete_schedule(&self, name: String) -> Result<(), Error> {
+        self.call(|r| Command::DeleteSchedule(name, r)).await
+    }
+
+    /// Pauses a schedule.
+    pub async fn pause_schedule(&self, name: String) -> Result<Schedule, Error> {
+        self.call(|r| Command::PauseSchedule(name, r)).await
+    }
+
+    /// Resumes a schedule.
+    pub async fn resume_schedule(&self, name: String) -> Result<Schedule, Error> {
+        self.call(|r| Command::ResumeSchedule(name, r)).await
+    }
+
+    /// Creates a run of a schedule now.
+    pub async fn trigger_schedule(&self, name: String) -> Result<Job, Error> {
+        self.call(|r| Command::TriggerSchedule(name, r)).await
+    }
+
+    /// One schedule.
+    pub fn get_schedule(&self, name: &str) -> Result<Schedule, Error> {
+        self.lock().get_schedule(name)
+    }
+
+    /// A page of schedules and the next page's token.
+    pub fn list_schedules(&self, after: &str, size: usize) -> (Vec<Schedule>, String) {
+        self.lock().list_schedules(after, size)
+    }
+
+    /// A stored schedule's spec and next run time.
+    pub fn schedule_spec(&self, name: &str) -> Result<(Spec, Option<SystemTime>), Error> {
+        self.lock().schedule_spec(name)
+    }
+
+    /// The current time, from the engine's clock.
+    pub fn now(&self) -> SystemTime {
+        self.shared.clock.now()
+    }
+
     /// Records a heartbeat.
     pub fn heartbeat(&self, worker_id: String, generation: u64) {
         self.tell(Command::Heartbeat(worker_id, generation));
@@ -231,6 +283,27 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
         Command::Hello(hello, tx, r) => {
             let v = state.hello(hello, tx, now);
             reply_after(state, r, Ok(v));
+        }
+        Command::PutSchedule(put, r) => {
+            let (schedule, spec) = *put;
+            let v = state.put_schedule(schedule, spec, now, false);
+            reply_after(state, r, v);
+        }
+        Command::DeleteSchedule(name, r) => {
+            let v = state.delete_schedule(&name);
+            reply_after(state, r, v);
+        }
+        Command::PauseSchedule(name, r) => {
+            let v = state.pause_schedule(&name, now);
+            reply_after(state, r, v);
+        }
+        Command::ResumeSchedule(name, r) => {
+            let v = state.resume_schedule(&name, now);
+            reply_after(state, r, v);
+        }
+        Command::TriggerSchedule(name, r) => {
+            let v = state.trigger_schedule(&name, now);
+            reply_after(state, r, v);
         }
         Command::Heartbeat(w, g) => state.heartbeat(&w, g, now),
         Command::Complete(w, g, done) => {
@@ -320,6 +393,12 @@ fn refuse(cmd: Command) {
         Command::Cancel(_, _, r) => drop(r.send(Err(unavailable()))),
         Command::Retry(_, r) => drop(r.send(Err(unavailable()))),
         Command::Hello(_, _, r) => drop(r.send(Err(unavailable()))),
+        Command::PutSchedule(_, r) => drop(r.send(Err(unavailable()))),
+        Command::DeleteSchedule(_, r) => drop(r.send(Err(unavailable()))),
+        Command::PauseSchedule(_, r) | Command::ResumeSchedule(_, r) => {
+            drop(r.send(Err(unavailable())))
+        }
+        Command::TriggerSchedule(_, r) => drop(r.send(Err(unavailable()))),
         _ => {}
     }
 }

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         max_payload: cli.max_payload,
         default_shutdown_grace: cli.default_shutdown_grace,
         cache_size: cli.cache_size,
+        schedules: None,
     };
     let from_file = match &cli.config {
         Some(path) => Settings::from_file(path)?,

@@ -11,6 +11,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod declared;
 pub mod engine;
 pub mod error;
 pub mod ids;
@@ -60,6 +61,9 @@ pub enum RunError {
     /// The store failed while serving; nothing unacknowledged was promised.
     #[error("the store failed; stopped to protect the data (see the log)")]
     StoreFailed,
+    /// A schedule declared in the config file was refused.
+    #[error("declared schedule: {0}")]
+    Declared(error::Error),
     /// A start-up task panicked.
     #[error("start-up task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -106,7 +110,29 @@ impl Coordinator {
             heartbeat_interval: config.heartbeat_interval,
             default_shutdown_grace: config.default_shutdown_grace,
         };
-        let state = State::restore(settings, snapshot, clock.now());
+        let mut state = State::restore(settings, snapshot, clock.now());
+        // Declared schedules: created or updated now, durably, before serving.
+        for schedule in &config.schedules {
+            let (schedule, spec) =
+                schedule::check::new_schedule("schedules", schedule.clone(), config.max_payload)
+                    .map_err(RunError::Declared)?;
+            state
+                .declare_schedule(schedule, spec, clock.now())
+                .map_err(RunError::Declared)?;
+        }
+        let round = state.take_round();
+        if !round.writes.is_empty() {
+            store
+                .apply(round.writes)
+                .and_then(|()| store.sync())
+                .map_err(|source| RunError::Open {
+                    dir: config.data_dir.clone(),
+                    source,
+                })?;
+        }
+        for effect in round.effects {
+            effect(Ok(()));
+        }
         tracing::info!(jobs, dir = %config.data_dir.display(), "store opened");
         Ok(Coordinator {
             config,
@@ -135,6 +161,9 @@ impl Coordinator {
             .await;
         health
             .set_serving::<proto::admin_service_server::AdminServiceServer<service::admin::Admin>>()
+            .await;
+        health
+            .set_serving::<proto::schedule_service_server::ScheduleServiceServer<service::schedules::Schedules>>()
             .await;
         let reflection = || {
             // Each version's builder lists both reflection services, so `list`
@@ -167,6 +196,10 @@ impl Coordinator {
         let admin = proto::admin_service_server::AdminServiceServer::new(
             service::admin::Admin::new(engine.clone()),
         );
+        let schedules = proto::schedule_service_server::ScheduleServiceServer::new(
+            service::schedules::Schedules::new(engine.clone(), self.config.max_payload),
+        )
+        .max_decoding_message_size(MAX_MESSAGE);
 
         let stop = root.clone();
         let watcher = engine.clone();
@@ -191,6 +224,7 @@ impl Coordinator {
                 .add_service(jobs)
                 .add_service(sessions)
                 .add_service(admin)
+                .add_service(schedules)
                 .serve_with_incoming_shutdown(
                     incoming,
                     async move { server_stop.cancelled().await },

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `j` + job id (16 bytes, big-endian) | the [`JobRecord`] |
 //! | `i` + idempotency key | the job id it names (16 bytes) |
+//! | `s` + schedule name | the [`ScheduleEntry`] |
 //!
 //! A change that touches several records is one atomic [`Writes`] batch
 //! (`apply_batch`), never a multi-tree transaction. [`Store::sync`] makes every
@@ -16,9 +17,11 @@ use std::path::{Path, PathBuf};
 
 use crate::coordinator::ids::JobId;
 use crate::coordinator::record::{JobRecord, RecordError};
+use crate::coordinator::schedule::record::ScheduleEntry;
 
 const JOB_PREFIX: u8 = b'j';
 const IDEM_PREFIX: u8 = b'i';
+const SCHEDULE_PREFIX: u8 = b's';
 
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,19 @@ impl Writes {
         self.len += 1;
     }
 
+    /// Writes (or overwrites) a schedule.
+    pub fn put_schedule(&mut self, entry: &ScheduleEntry) {
+        self.batch
+            .insert(prefixed(SCHEDULE_PREFIX, entry.name()), entry.encode());
+        self.len += 1;
+    }
+
+    /// Deletes a schedule.
+    pub fn delete_schedule(&mut self, name: &str) {
+        self.batch.remove(prefixed(SCHEDULE_PREFIX, name));
+        self.len += 1;
+    }
+
     /// Whether nothing is written.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -94,6 +110,8 @@ pub struct Snapshot {
     pub jobs: Vec<JobRecord>,
     /// Every idempotency key and the job it names.
     pub idempotency: Vec<(String, JobId)>,
+    /// Every schedule.
+    pub schedules: Vec<ScheduleEntry>,
 }
 
 fn job_key(id: &JobId) -> [u8; 17] {
@@ -103,11 +121,15 @@ fn job_key(id: &JobId) -> [u8; 17] {
     k
 }
 
-fn idem_key(key: &str) -> Vec<u8> {
+fn prefixed(prefix: u8, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(IDEM_PREFIX);
+    k.push(prefix);
     k.extend_from_slice(key.as_bytes());
     k
+}
+
+fn idem_key(key: &str) -> Vec<u8> {
+    prefixed(IDEM_PREFIX, key)
 }
 
 impl Store {
@@ -200,7 +222,16 @@ impl Store {
                 .map_err(|_| StoreError::CorruptIdempotency(key.clone()))?;
             idempotency.push((key, JobId(uuid::Uuid::from_bytes(bytes))));
         }
-        Ok(Snapshot { jobs, idempotency })
+        let schedules = self
+            .db
+            .scan_prefix([SCHEDULE_PREFIX])
+            .map(|kv| Ok(ScheduleEntry::decode(&kv?.1)?))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Snapshot {
+            jobs,
+            idempotency,
+            schedules,
+        })
     }
 }
 

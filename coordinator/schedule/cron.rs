@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, LocalResult, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
 /// Why an expression or zone was refused.
@@ -294,6 +294,21 @@ impl CronSchedule {
                 return Some(instant.into());
             }
         }
+    }
+
+    /// The last fire time at or before `t`.
+    pub fn last_at_or_before(&self, t: SystemTime) -> Option<SystemTime> {
+        let at: DateTime<Utc> = t.into();
+        let local = at.with_timezone(&self.tz).naive_local();
+        // Fire times are whole seconds: the latest before the next second is at or before `t`.
+        let wall = Utc.from_utc_datetime(&local).with_nanosecond(0)? + chrono::Duration::seconds(1);
+        self.parts
+            .iter()
+            .filter_map(|p| p.after(&wall).next_back())
+            .map(|prev| self.place(prev.naive_utc()))
+            .filter(|placed| *placed <= at)
+            .max()
+            .map(Into::into)
     }
 
     /// Puts a local wall-clock time on the time line.
@@ -744,6 +759,34 @@ mod tests {
         );
         let tz = CronSchedule::parse("* * * * *", "Mars/Olympus").unwrap_err();
         assert_eq!(tz, CronError::TimeZone("Mars/Olympus".into()));
+    }
+
+    #[test]
+    fn last_at_or_before_walks_back() {
+        let s = CronSchedule::parse("*/15 * * * *", "UTC").unwrap();
+        assert_eq!(
+            fmt(s.last_at_or_before(at("2026-01-01T10:20:00Z")).unwrap()),
+            "2026-01-01T10:15:00Z"
+        );
+        assert_eq!(
+            fmt(s.last_at_or_before(at("2026-01-01T10:15:00Z")).unwrap()),
+            "2026-01-01T10:15:00Z"
+        );
+        let s = CronSchedule::parse("0 0 13 * 5", "UTC").unwrap();
+        // Tuesday 2026-01-13 matches the day of month; the Friday before is the 9th.
+        assert_eq!(
+            fmt(s.last_at_or_before(at("2026-01-14T00:00:00Z")).unwrap()),
+            "2026-01-13T00:00:00Z"
+        );
+        assert_eq!(
+            fmt(s.last_at_or_before(at("2026-01-12T00:00:00Z")).unwrap()),
+            "2026-01-09T00:00:00Z"
+        );
+        let s = CronSchedule::parse("30 2 * * *", "Europe/Berlin").unwrap();
+        assert_eq!(
+            fmt(s.last_at_or_before(at("2026-03-29T05:00:00Z")).unwrap()),
+            "2026-03-29T01:00:00Z"
+        );
     }
 
     #[test]

@@ -5,4 +5,8 @@
 //! - [`policy`]: what to do when fire times come due (overlap, misfire, catch-up).
 //! - [`record`]: a schedule as stored.
 
+pub mod check;
 pub mod cron;
+pub mod policy;
+pub mod record;
+pub mod spec;

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod jobs;
+pub mod schedules;
 pub mod session;
 
 use crate::coordinator::error::Error;

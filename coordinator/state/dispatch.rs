@@ -18,6 +18,7 @@ impl State {
                 Due::Run(id) => self.fire_run(id, now),
                 Due::Expire(id) => self.fire_expire(id, now),
                 Due::Worker(w) => self.fire_worker(w, now),
+                Due::Schedule(name) => self.fire_schedule(&name, now),
             }
         }
     }

@@ -14,7 +14,7 @@ impl State {
         store: &Store,
     ) -> Result<Vec<SubmitJobResponse>, Error> {
         let mut results = Vec::with_capacity(jobs.len());
-        for mut job in jobs {
+        for job in jobs {
             if !job.idempotency_key.is_empty() {
                 if let Some(&existing) = self.idempotency.get(&job.idempotency_key) {
                     results.push(SubmitJobResponse {
@@ -24,29 +24,35 @@ impl State {
                     continue;
                 }
             }
-            let id = JobId::generate();
-            job.id = id.to_string();
-            job.create_time = ts(now);
-            if !job.idempotency_key.is_empty() {
-                self.idempotency.insert(job.idempotency_key.clone(), id);
-                self.round.writes.put_idempotency(&job.idempotency_key, id);
-            }
-            let mut live = Live {
-                rec: JobRecord { job, lease: None },
-                ready: None,
-            };
-            self.arm_expiry(&live);
-            match live.run_time().filter(|t| *t > now) {
-                Some(at) => self.schedule_at(&mut live, at),
-                None => self.enqueue(&mut live, now),
-            }
             results.push(SubmitJobResponse {
-                job: Some(live.rec.job.clone()),
+                job: Some(self.create_job(job, now)),
                 deduplicated: false,
             });
-            self.save(live, JobState::Unspecified);
         }
         Ok(results)
+    }
+
+    /// Stores a new job (validated, not a duplicate) and returns it.
+    pub(super) fn create_job(&mut self, mut job: Job, now: SystemTime) -> Job {
+        let id = JobId::generate();
+        job.id = id.to_string();
+        job.create_time = ts(now);
+        if !job.idempotency_key.is_empty() {
+            self.idempotency.insert(job.idempotency_key.clone(), id);
+            self.round.writes.put_idempotency(&job.idempotency_key, id);
+        }
+        let mut live = Live {
+            rec: JobRecord { job, lease: None },
+            ready: None,
+        };
+        self.arm_expiry(&live);
+        match live.run_time().filter(|t| *t > now) {
+            Some(at) => self.schedule_at(&mut live, at),
+            None => self.enqueue(&mut live, now),
+        }
+        let job = live.rec.job.clone();
+        self.save(live, JobState::Unspecified);
+        job
     }
 
     /// Cancels a job: at once unless it runs; a running one is marked.

@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime};
 mod dispatch;
 mod jobs;
 mod reads;
+mod schedules;
+pub use schedules::FIRE_TIME_LABEL;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -69,6 +71,8 @@ enum Due {
     Expire(JobId),
     /// A worker's lease deadline (`last_seen + lease_timeout`).
     Worker(String),
+    /// A schedule's `next_run_time`.
+    Schedule(String),
 }
 
 /// A job that has not reached a terminal state.
@@ -136,6 +140,9 @@ pub struct State {
     workers: Workers,
     /// Counts for `GetQueueStats`.
     stats: Stats,
+    /// Every schedule, by name.
+    schedules:
+        std::collections::BTreeMap<String, crate::coordinator::schedule::record::ScheduleEntry>,
     /// Open `WatchJob` streams, by job.
     watchers: HashMap<JobId, Vec<UnboundedSender<Job>>>,
     /// What has been staged since the engine last took it.
@@ -159,6 +166,7 @@ impl State {
             workers: Workers::default(),
             stats: Stats::default(),
             watchers: HashMap::new(),
+            schedules: Default::default(),
             round: Round::default(),
             dispatch_needed: true,
             rng: rand::rngs::StdRng::from_entropy(),
@@ -199,6 +207,16 @@ impl State {
             }
             state.jobs.insert(id, live);
         }
+        for mut entry in snapshot.schedules {
+            // Runs that finished (or vanished) while the store was closed no longer count.
+            entry.active.retain(|id| state.jobs.contains_key(id));
+            if entry.active.is_empty() && entry.schedule.next_run_time.is_none() {
+                // An END-anchored schedule whose run is gone would wait forever.
+                entry.schedule.next_run_time = entry.spec.after_end(now).and_then(ts);
+            }
+            state.arm_schedule(&entry);
+            state.schedules.insert(entry.schedule.name.clone(), entry);
+        }
         state
     }
 
@@ -228,6 +246,9 @@ impl State {
         let new = live.rec.state();
         self.stats.moved(&live.rec.job.queue, old, new);
         self.round.writes.put_job(&live.rec);
+        if !live.rec.job.schedule.is_empty() && new != old {
+            self.schedule_job_changed(&live.rec.job);
+        }
         let id = live.rec.id();
         if is_terminal(new) {
             if let Some(watchers) = self.watchers.remove(&id) {

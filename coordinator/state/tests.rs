@@ -494,3 +494,261 @@ fn queue_stats_count_every_state() {
         (1, 0, 1)
     );
 }
+
+// ----- schedules --------------------------------------------------------------
+
+use crate::coordinator::schedule::check::new_schedule;
+use crate::proto::{
+    schedule_spec, IntervalAnchor, IntervalSpec, MisfirePolicy, OverlapPolicy, Schedule,
+    ScheduleSpec,
+};
+
+fn interval_schedule(
+    name: &str,
+    every_s: i64,
+    anchor: IntervalAnchor,
+    overlap: OverlapPolicy,
+    misfire: MisfirePolicy,
+) -> Schedule {
+    Schedule {
+        name: name.into(),
+        job: Some(job("tick", 0)),
+        spec: Some(ScheduleSpec {
+            kind: Some(schedule_spec::Kind::Interval(IntervalSpec {
+                every: Some(prost_types::Duration {
+                    seconds: every_s,
+                    nanos: 0,
+                }),
+                anchor: anchor as i32,
+                offset: None,
+            })),
+        }),
+        overlap: overlap as i32,
+        misfire: misfire as i32,
+        ..Default::default()
+    }
+}
+
+impl Fixture {
+    fn put(&mut self, s: Schedule) -> Schedule {
+        let (s, spec) = new_schedule("schedule", s, 1 << 20).unwrap();
+        let out = self.state.put_schedule(s, spec, self.now, false).unwrap();
+        self.commit();
+        out
+    }
+
+    fn runs(&self, name: &str) -> Vec<Job> {
+        self.store
+            .scan_jobs(None)
+            .map(|r| r.unwrap().job)
+            .filter(|j| j.schedule == name)
+            .collect()
+    }
+
+    fn next_run(&self, name: &str) -> Option<SystemTime> {
+        let s = self.state.get_schedule(name).unwrap();
+        s.next_run_time.map(|t| SystemTime::try_from(t).unwrap())
+    }
+
+    /// Moves to `t` (seconds past the fixture's start) and commits.
+    fn to(&mut self, start: SystemTime, secs: u64) {
+        self.now = start + Duration::from_secs(secs);
+        self.commit();
+    }
+}
+
+fn fire_times(jobs: &[Job]) -> Vec<String> {
+    jobs.iter()
+        .map(|j| j.labels[FIRE_TIME_LABEL].clone())
+        .collect()
+}
+
+#[test]
+fn a_start_anchored_schedule_fires_on_its_grid_and_skips_while_busy() {
+    let mut f = Fixture::new();
+    let start = f.now; // a multiple of 10 s since the epoch
+    f.put(interval_schedule(
+        "s",
+        10,
+        IntervalAnchor::Start,
+        OverlapPolicy::Skip,
+        MisfirePolicy::RunOnce,
+    ));
+    assert_eq!(f.next_run("s"), Some(start + Duration::from_secs(10)));
+    f.to(start, 9);
+    assert!(f.runs("s").is_empty());
+    f.to(start, 10);
+    let runs = f.runs("s");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].state(), JobState::Queued);
+    assert_eq!(f.next_run("s"), Some(start + Duration::from_secs(20)));
+    // The run is unfinished at 20: SKIP.
+    f.to(start, 20);
+    assert_eq!(f.runs("s").len(), 1);
+    // It finishes; the next grid slot fires.
+    let mut w = f.connect("w", 1, &[], vec![]);
+    let a = w.assign();
+    f.complete(&w, &runs[0].id, &a.lease_id, success());
+    let s = f.state.get_schedule("s").unwrap();
+    assert_eq!(s.last_job_state(), JobState::Succeeded);
+    f.state.heartbeat("w", w.generation, f.now);
+    f.to(start, 30);
+    assert_eq!(f.runs("s").len(), 2);
+}
+
+#[test]
+fn an_end_anchored_schedule_waits_for_its_run_to_end() {
+    let mut f = Fixture::new();
+    let start = f.now;
+    f.put(interval_schedule(
+        "e",
+        5,
+        IntervalAnchor::End,
+        OverlapPolicy::Skip,
+        MisfirePolicy::RunOnce,
+    ));
+    assert_eq!(f.next_run("e"), Some(start + Duration::from_secs(5)));
+    f.to(start, 5);
+    assert_eq!(f.runs("e").len(), 1);
+    assert_eq!(f.next_run("e"), None, "unset while the run is unfinished");
+    let mut w = f.connect("w", 1, &[], vec![]);
+    let a = w.assign();
+    f.to(start, 8);
+    f.state.heartbeat("w", w.generation, f.now);
+    let id = a.job.unwrap().id;
+    f.complete(&w, &id, &a.lease_id, success());
+    assert_eq!(
+        f.next_run("e"),
+        Some(start + Duration::from_secs(13)),
+        "every after the end"
+    );
+    f.to(start, 12);
+    assert_eq!(f.runs("e").len(), 1);
+    f.to(start, 13);
+    assert_eq!(f.runs("e").len(), 2);
+}
+
+#[test]
+fn buffer_one_starts_the_waiting_run_when_the_previous_ends() {
+    let mut f = Fixture::new();
+    let start = f.now;
+    f.put(interval_schedule(
+        "b",
+        10,
+        IntervalAnchor::Start,
+        OverlapPolicy::BufferOne,
+        MisfirePolicy::RunOnce,
+    ));
+    f.to(start, 10);
+    f.to(start, 20);
+    f.to(start, 30);
+    assert_eq!(
+        f.runs("b").len(),
+        1,
+        "one runs, one waits, the rest are dropped"
+    );
+    let mut w = f.connect("w", 1, &[], vec![]);
+    let a = w.assign();
+    f.complete(&w, &f.runs("b")[0].id.clone(), &a.lease_id, success());
+    assert_eq!(f.runs("b").len(), 2, "the buffered run starts at once");
+}
+
+#[test]
+fn missed_fires_follow_the_misfire_policy_after_a_restart() {
+    for (misfire, window, expected) in [
+        (MisfirePolicy::RunOnce, None, vec!["40"]),
+        (MisfirePolicy::RunAll, None, vec!["10", "20", "30", "40"]),
+        (MisfirePolicy::Skip, None, vec![]),
+        (MisfirePolicy::RunAll, Some(15), vec!["30", "40"]),
+    ] {
+        let mut f = Fixture::new();
+        let start = f.now;
+        let mut s = interval_schedule(
+            "m",
+            10,
+            IntervalAnchor::Start,
+            OverlapPolicy::Allow,
+            misfire,
+        );
+        s.catchup_window = window.map(|w| prost_types::Duration {
+            seconds: w,
+            nanos: 0,
+        });
+        f.put(s);
+        // Down from just after the put until 45 s later.
+        let mut f = f.restart();
+        f.to(start, 45);
+        let expected: Vec<String> = expected
+            .iter()
+            .map(|s| {
+                humantime::format_rfc3339_nanos(start + Duration::from_secs(s.parse().unwrap()))
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            fire_times(&f.runs("m")),
+            expected,
+            "{misfire:?} window {window:?}"
+        );
+        assert_eq!(f.next_run("m"), Some(start + Duration::from_secs(50)));
+        // Nothing fires twice.
+        f.to(start, 49);
+        assert_eq!(f.runs("m").len(), expected.len());
+    }
+}
+
+#[test]
+fn a_paused_schedule_fires_nothing_and_catches_up_once_on_resume() {
+    let mut f = Fixture::new();
+    let start = f.now;
+    f.put(interval_schedule(
+        "p",
+        10,
+        IntervalAnchor::Start,
+        OverlapPolicy::Allow,
+        MisfirePolicy::RunOnce,
+    ));
+    f.state.pause_schedule("p", f.now).unwrap();
+    f.to(start, 35);
+    assert!(f.runs("p").is_empty());
+    f.state.resume_schedule("p", f.now).unwrap();
+    f.commit();
+    assert_eq!(fire_times(&f.runs("p")).len(), 1);
+    assert_eq!(f.next_run("p"), Some(start + Duration::from_secs(40)));
+    let job = f.state.trigger_schedule("p", f.now).unwrap();
+    f.commit();
+    assert_eq!(job.schedule, "p");
+    assert_eq!(f.runs("p").len(), 2);
+    f.state.delete_schedule("p").unwrap();
+    f.commit();
+    assert!(matches!(f.state.get_schedule("p"), Err(Error::NotFound(_))));
+    f.to(start, 40);
+    assert_eq!(f.runs("p").len(), 2, "a deleted schedule fires nothing");
+}
+
+#[test]
+fn an_unchanged_declared_schedule_keeps_its_due_fire() {
+    let mut f = Fixture::new();
+    let start = f.now;
+    let declared = interval_schedule(
+        "d",
+        10,
+        IntervalAnchor::Start,
+        OverlapPolicy::Allow,
+        MisfirePolicy::RunOnce,
+    );
+    let (s, spec) = new_schedule("s", declared.clone(), 100).unwrap();
+    f.state.declare_schedule(s, spec, f.now).unwrap();
+    f.commit();
+    let mut f = f.restart();
+    f.now = start + Duration::from_secs(25);
+    let (s, spec) = new_schedule("s", declared, 100).unwrap();
+    f.state.declare_schedule(s, spec, f.now).unwrap();
+    f.commit();
+    assert_eq!(
+        f.runs("d").len(),
+        1,
+        "the missed fire at 20 still runs once"
+    );
+    assert_eq!(f.next_run("d"), Some(start + Duration::from_secs(30)));
+}
