@@ -5,7 +5,7 @@
 //! (`@midnight`) and `@hourly`. Fields take numbers, names (`jan`, `mon`),
 //! ranges, lists and steps (`*/15`, `1-5/2`, `10/20`); weekdays run 0–7 with 0
 //! and 7 both Sunday. When day-of-month and day-of-week are both restricted
-//! (neither starts with `*`), a day matching either fires — the classic cron
+//! (neither is a plain `*`; `*/2` restricts), a day matching either fires — the classic cron
 //! rule.
 //!
 //! Each field is parsed here, so errors name the field and the bad value; the
@@ -93,7 +93,7 @@ const DAY_OF_WEEK: Field = Field {
     first_name: 0,
 };
 
-/// A parsed field: its values, and whether it was written starting with `*`.
+/// A parsed field: its values, and whether it was a plain `*` (unrestricted).
 struct Parsed {
     values: BTreeSet<u32>,
     star: bool,
@@ -155,7 +155,7 @@ impl Field {
         }
         Ok(Parsed {
             values,
-            star: text.starts_with('*'),
+            star: text == "*",
         })
     }
 }
