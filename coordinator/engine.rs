@@ -45,6 +45,7 @@ enum Command {
     PauseSchedule(String, Reply<Schedule>),
     ResumeSchedule(String, Reply<Schedule>),
     TriggerSchedule(String, Reply<Job>),
+    DrainWorker(String, String, Reply<proto::Worker>),
     Heartbeat(String, u64),
     Complete(String, u64, proto::Complete),
     Draining(String, u64),
@@ -187,6 +188,16 @@ impl Engine {
         self.call(|r| Command::TriggerSchedule(name, r)).await
     }
 
+    /// Tells a worker to drain.
+    pub async fn drain_worker(
+        &self,
+        worker_id: String,
+        reason: String,
+    ) -> Result<proto::Worker, Error> {
+        self.call(|r| Command::DrainWorker(worker_id, reason, r))
+            .await
+    }
+
     /// One schedule.
     pub fn get_schedule(&self, name: &str) -> Result<Schedule, Error> {
         self.lock().get_schedule(name)
@@ -305,6 +316,10 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
             let v = state.trigger_schedule(&name, now);
             reply_after(state, r, v);
         }
+        Command::DrainWorker(w, reason, r) => {
+            let v = state.drain_worker(&w, &reason, now);
+            reply_after(state, r, v);
+        }
         Command::Heartbeat(w, g) => state.heartbeat(&w, g, now),
         Command::Complete(w, g, done) => {
             state.complete(&w, g, done, now);
@@ -399,6 +414,7 @@ fn refuse(cmd: Command) {
             drop(r.send(Err(unavailable())))
         }
         Command::TriggerSchedule(_, r) => drop(r.send(Err(unavailable()))),
+        Command::DrainWorker(_, _, r) => drop(r.send(Err(unavailable()))),
         _ => {}
     }
 }

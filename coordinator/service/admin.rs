@@ -3,8 +3,12 @@
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::engine::Engine;
+use crate::coordinator::error::Error;
 use crate::proto::admin_service_server::AdminService;
-use crate::proto::{GetQueueStatsRequest, ListWorkersRequest, ListWorkersResponse, QueueStats};
+use crate::proto::{
+    DrainWorkerRequest, GetQueueStatsRequest, ListWorkersRequest, ListWorkersResponse, QueueStats,
+    Worker,
+};
 
 /// The admin service.
 pub struct Admin {
@@ -39,5 +43,19 @@ impl AdminService for Admin {
         Ok(Response::new(QueueStats {
             queues: self.engine.queue_stats(&req.into_inner().queue),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn drain_worker(
+        &self,
+        req: Request<DrainWorkerRequest>,
+    ) -> Result<Response<Worker>, Status> {
+        let req = req.into_inner();
+        if req.worker_id.is_empty() {
+            return Err(Error::invalid("worker_id", "is required").into());
+        }
+        Ok(Response::new(
+            self.engine.drain_worker(req.worker_id, req.reason).await?,
+        ))
     }
 }

@@ -278,6 +278,14 @@ impl State {
         }
     }
 
+    /// The shutdown grace of a live job (its own, or the default).
+    fn grace_of(&self, id: JobId) -> Duration {
+        self.jobs
+            .get(&id)
+            .map(|l| l.grace(self.settings.default_shutdown_grace))
+            .unwrap_or(self.settings.default_shutdown_grace)
+    }
+
     fn enqueue(&mut self, live: &mut Live, now: SystemTime) {
         let job = &mut live.rec.job;
         job.state = JobState::Queued as i32;
@@ -357,6 +365,15 @@ impl State {
 }
 
 impl Live {
+    /// The job's shutdown grace, or `default`.
+    fn grace(&self, default: Duration) -> Duration {
+        self.rec
+            .job
+            .shutdown_grace
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(default)
+    }
+
     fn run_time(&self) -> Option<SystemTime> {
         self.rec
             .job

@@ -121,11 +121,75 @@ impl State {
         }
     }
 
-    /// The worker takes nothing new.
+    /// The worker takes nothing new; it is answered with a `Shutdown` that
+    /// gives each of its tasks its stop-by time.
     pub fn draining(&mut self, worker_id: &str, generation: u64, now: SystemTime) {
         if let Some(w) = self.workers.current_mut(worker_id, generation) {
             w.last_seen = now;
-            w.draining = true;
+            self.shut_down_worker(worker_id, "worker draining", now);
+        }
+    }
+
+    /// `DrainWorker`: the same notice, started here.
+    pub fn drain_worker(
+        &mut self,
+        worker_id: &str,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<proto::Worker, Error> {
+        let w = self
+            .workers
+            .map
+            .get(worker_id)
+            .ok_or_else(|| Error::NotFound(format!("worker {worker_id:?} not found")))?;
+        if w.session.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "worker {worker_id:?} is not connected; it cannot be told to drain"
+            )));
+        }
+        let reason = if reason.is_empty() {
+            "drained by an operator"
+        } else {
+            reason
+        };
+        self.shut_down_worker(worker_id, reason, now);
+        Ok(self
+            .list_workers()
+            .into_iter()
+            .find(|w| w.worker_id == worker_id)
+            .expect("the worker exists"))
+    }
+
+    /// Marks a worker draining and sends it `Shutdown` with each task's
+    /// stop-by time (`now + shutdown_grace`).
+    fn shut_down_worker(&mut self, worker_id: &str, reason: &str, now: SystemTime) {
+        let Some(w) = self.workers.map.get_mut(worker_id) else {
+            return;
+        };
+        w.draining = true;
+        let leases: Vec<(JobId, LeaseId)> = w.leases.iter().map(|(j, l)| (*j, *l)).collect();
+        let tx = w.session.as_ref().map(|s| s.tx.clone());
+        let tasks = leases
+            .into_iter()
+            .map(|(job, lease)| proto::TaskDeadline {
+                job_id: job.to_string(),
+                lease_id: lease.to_string(),
+                stop_by: ts(now + self.grace_of(job)),
+            })
+            .collect();
+        tracing::info!(worker = %worker_id, reason, "worker told to shut down");
+        if let Some(tx) = tx {
+            let msg = CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::Shutdown(proto::Shutdown {
+                    reason: reason.to_string(),
+                    tasks,
+                })),
+            };
+            self.after_commit(Box::new(move |r| {
+                if r.is_ok() {
+                    let _ = tx.send(msg);
+                }
+            }));
         }
     }
 
