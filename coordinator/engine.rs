@@ -530,7 +530,7 @@ mod tests {
         stop.cancel();
         task.wait().await;
         drop(engine);
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::reopen_for_test(dir.path());
         for id in ids {
             let rec = store
                 .get_job(JobId::parse(&id).unwrap())

@@ -74,11 +74,17 @@ impl ReadyIndex {
     }
 
     /// The best ready job for a worker of these queues and kinds (empty kinds:
-    /// any kind), without removing it.
-    pub fn best_for(&self, queues: &[String], kinds: &[String]) -> Option<JobId> {
+    /// any kind) that `fits` it, without removing it. Each set is read from its
+    /// head, so a `fits` that accepts everything costs one look per set.
+    pub fn best_for(
+        &self,
+        queues: &[String],
+        kinds: &[String],
+        mut fits: impl FnMut(JobId) -> bool,
+    ) -> Option<JobId> {
         let mut best: Option<Rank> = None;
         let mut consider = |set: &BTreeSet<Rank>| {
-            if let Some(head) = set.first() {
+            if let Some(head) = set.iter().find(|(_, id)| fits(*id)) {
                 if best.is_none_or(|b| *head < b) {
                     best = Some(*head);
                 }
@@ -132,13 +138,25 @@ mod tests {
         r.insert(ids[2], &slot("q", "a", 5, 3));
         r.insert(ids[3], &slot("other", "a", 9, 4));
         let q = vec!["q".to_string()];
-        assert_eq!(r.best_for(&q, &[]), Some(ids[1]), "priority 5, older");
-        assert_eq!(r.best_for(&q, &["a".into()]), Some(ids[2]));
-        assert_eq!(r.best_for(&q, &["c".into()]), None);
-        assert_eq!(r.best_for(&["q".into(), "other".into()], &[]), Some(ids[3]));
+        assert_eq!(
+            r.best_for(&q, &[], |_| true),
+            Some(ids[1]),
+            "priority 5, older"
+        );
+        assert_eq!(r.best_for(&q, &["a".into()], |_| true), Some(ids[2]));
+        assert_eq!(r.best_for(&q, &["c".into()], |_| true), None);
+        assert_eq!(
+            r.best_for(&["q".into(), "other".into()], &[], |_| true),
+            Some(ids[3])
+        );
+        assert_eq!(
+            r.best_for(&q, &[], |id| id != ids[1]),
+            Some(ids[2]),
+            "skips what does not fit"
+        );
         assert!(r.remove(ids[1], &slot("q", "b", 5, 2)));
         assert!(!r.remove(ids[1], &slot("q", "b", 5, 2)));
-        assert_eq!(r.best_for(&q, &[]), Some(ids[2]));
+        assert_eq!(r.best_for(&q, &[], |_| true), Some(ids[2]));
         assert_eq!(
             r.oldest("q"),
             Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
@@ -146,6 +164,6 @@ mod tests {
         r.remove(ids[0], &slot("q", "a", 0, 1));
         r.remove(ids[2], &slot("q", "a", 5, 3));
         assert_eq!(r.oldest("q"), None);
-        assert_eq!(r.best_for(&q, &[]), None);
+        assert_eq!(r.best_for(&q, &[], |_| true), None);
     }
 }

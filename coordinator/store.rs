@@ -177,6 +177,23 @@ impl Store {
         Ok(())
     }
 
+    /// Opens a store just closed in this process: sled's background threads
+    /// let go of the directory lock shortly after the drop, so this polls for
+    /// it, within a bound.
+    #[cfg(test)]
+    pub fn reopen_for_test(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, 1 << 20) {
+                Ok(store) => return store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        }
+    }
+
     /// How many syncs have completed since the store was opened.
     pub fn sync_count(&self) -> u64 {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
@@ -265,7 +282,7 @@ mod tests {
             store.apply(w).unwrap();
             store.sync().unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::reopen_for_test(dir.path());
         let snap = store.snapshot().unwrap();
         assert_eq!(snap.jobs, recs);
         assert_eq!(snap.idempotency, vec![("key-1".to_string(), recs[2].id())]);

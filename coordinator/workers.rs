@@ -45,6 +45,8 @@ pub struct WorkerEntry {
     pub last_seen: SystemTime,
     /// It asked for no new work.
     pub draining: bool,
+    /// The longest shutdown grace it can honour; longer-grace jobs go elsewhere.
+    pub max_grace: Option<std::time::Duration>,
 }
 
 impl WorkerEntry {
@@ -61,6 +63,7 @@ impl WorkerEntry {
             connect_time: None,
             last_seen: now,
             draining: false,
+            max_grace: None,
         }
     }
 

@@ -19,6 +19,29 @@ impl State {
                 Due::Expire(id) => self.fire_expire(id, now),
                 Due::Worker(w) => self.fire_worker(w, now),
                 Due::Schedule(name) => self.fire_schedule(&name, now),
+                Due::CancelDeadline(id, lease) => {
+                    let why = "cancelled; the worker did not report by the stop-by time";
+                    if let Some(mut live) = self.end_unreported(id, lease, now, "cancelled", why) {
+                        self.finish(&mut live, JobState::Cancelled, now);
+                        self.save(live, JobState::Running);
+                    }
+                }
+                Due::TimeoutDeadline(id, lease) => {
+                    let timeout = self
+                        .jobs
+                        .get(&id)
+                        .and_then(|l| l.rec.job.timeout)
+                        .and_then(|d| Duration::try_from(d).ok())
+                        .unwrap_or_default();
+                    let why = format!(
+                        "timed out after {}; the worker did not report",
+                        humantime::format_duration(timeout)
+                    );
+                    if let Some(mut live) = self.end_unreported(id, lease, now, "timed_out", &why) {
+                        self.after_failed_attempt(&mut live, now, false);
+                        self.save(live, JobState::Running);
+                    }
+                }
             }
         }
     }
@@ -101,7 +124,12 @@ impl State {
                 if w.free_slots() == 0 {
                     continue;
                 }
-                if let Some(job) = self.ready.best_for(&w.queues, &w.kinds) {
+                let (jobs, default) = (&self.jobs, self.settings.default_shutdown_grace);
+                let fits = |id: JobId| match w.max_grace {
+                    None => true,
+                    Some(max) => jobs.get(&id).is_some_and(|l| l.grace(default) <= max),
+                };
+                if let Some(job) = self.ready.best_for(&w.queues, &w.kinds, fits) {
                     self.lease(job, worker_id, now);
                     progress = true;
                 }
@@ -149,6 +177,12 @@ impl State {
             .shutdown_grace
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(self.settings.default_shutdown_grace);
+        if let Some(t) = timeout {
+            self.due.insert((
+                now + t + grace + self.settings.lease_timeout,
+                Due::TimeoutDeadline(id, lease_id),
+            ));
+        }
         let assign = CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Assign(Assign {
                 job: Some(job.clone()),

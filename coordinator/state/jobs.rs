@@ -77,8 +77,21 @@ impl State {
             format!("cancelled: {reason}")
         };
         if old == JobState::Running {
+            let first = !live.rec.job.cancel_requested;
             live.rec.job.cancel_requested = true;
             live.rec.job.error = why;
+            if first {
+                if let Some(lease) = live.rec.lease.clone() {
+                    let stop_by = now + live.grace(self.settings.default_shutdown_grace);
+                    self.send_cancel(id, &lease, reason, stop_by);
+                    // Backstop: a worker silent past stop_by is given one lease
+                    // timeout more, then the job ends here and the lease is fenced.
+                    self.due.insert((
+                        stop_by + self.settings.lease_timeout,
+                        Due::CancelDeadline(id, lease.id),
+                    ));
+                }
+            }
         } else {
             live.rec.job.error = why;
             self.finish(&mut live, JobState::Cancelled, now);

@@ -73,6 +73,12 @@ enum Due {
     Worker(String),
     /// A schedule's `next_run_time`.
     Schedule(String),
+    /// A cancelled job's stop-by time plus the lease timeout: the
+    /// coordinator's backstop when its worker does not report.
+    CancelDeadline(JobId, LeaseId),
+    /// A job's start + timeout + grace + lease timeout: the backstop for
+    /// timeouts when its worker does not report.
+    TimeoutDeadline(JobId, LeaseId),
 }
 
 /// A job that has not reached a terminal state.
@@ -276,6 +282,65 @@ impl State {
             }
             self.jobs.insert(id, live);
         }
+    }
+
+    /// Sends a `Cancel` notice for a running job to its worker's session, if open.
+    fn send_cancel(&mut self, id: JobId, lease: &Lease, reason: &str, stop_by: SystemTime) {
+        let Some(tx) = self
+            .workers
+            .map
+            .get(&lease.worker_id)
+            .and_then(|w| w.session.as_ref())
+            .map(|s| s.tx.clone())
+        else {
+            return; // told again when the worker reconnects and resumes the lease
+        };
+        let msg = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Cancel(proto::Cancel {
+                job_id: id.to_string(),
+                lease_id: lease.id.to_string(),
+                reason: reason.to_string(),
+                stop_by: ts(stop_by),
+            })),
+        };
+        self.after_commit(Box::new(move |r| {
+            if r.is_ok() {
+                let _ = tx.send(msg);
+            }
+        }));
+    }
+
+    /// Ends a running attempt here because its worker did not report in time:
+    /// the lease is fenced (a late completion is rejected).
+    fn end_unreported(
+        &mut self,
+        id: JobId,
+        lease: LeaseId,
+        now: SystemTime,
+        outcome: &str,
+        why: &str,
+    ) -> Option<Live> {
+        let live = self.jobs.get(&id)?;
+        if live.rec.state() != JobState::Running
+            || live.rec.lease.as_ref().map(|l| l.id) != Some(lease)
+        {
+            return None;
+        }
+        let mut live = self.jobs.remove(&id).expect("checked above");
+        if let Some(w) = live
+            .rec
+            .lease
+            .as_ref()
+            .and_then(|l| self.workers.map.get_mut(&l.worker_id))
+        {
+            w.leases.remove(&id);
+        }
+        tracing::warn!(job = %id, lease = %lease, "{why}");
+        end_attempt(&mut live, now, outcome, why);
+        live.rec.lease = None;
+        live.rec.job.error = why.to_string();
+        self.dispatch_needed = true;
+        Some(live)
     }
 
     /// The shutdown grace of a live job (its own, or the default).

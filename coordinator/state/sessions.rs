@@ -39,6 +39,9 @@ impl State {
             connect_time: Some(now),
             last_seen: now,
             draining: false,
+            max_grace: hello
+                .max_shutdown_grace
+                .and_then(|d| Duration::try_from(d).ok()),
         };
         let (mut resumed, mut rejected) = (Vec::new(), Vec::new());
         for held in hello.held {
@@ -72,7 +75,22 @@ impl State {
                 let _ = tx.send(welcome);
             }
         }));
+        let kept: Vec<(JobId, LeaseId)> = entry.leases.iter().map(|(j, l)| (*j, *l)).collect();
         self.workers.map.insert(worker_id.clone(), entry);
+        // A cancel that happened while the worker was away is told now.
+        for (job, lease) in kept {
+            let Some(live) = self.jobs.get(&job) else {
+                continue;
+            };
+            if live.rec.job.cancel_requested {
+                let stop_by = now + live.grace(self.settings.default_shutdown_grace);
+                let lease = Lease {
+                    id: lease,
+                    worker_id: worker_id.clone(),
+                };
+                self.send_cancel(job, &lease, "cancelled while the worker was away", stop_by);
+            }
+        }
         if !had_timer {
             self.due.insert((
                 now + self.settings.lease_timeout,

@@ -52,7 +52,7 @@ impl Fixture {
         } = self;
         store.sync().unwrap();
         drop(store);
-        let store = Store::open(_dir.path(), 1 << 20).unwrap();
+        let store = Store::reopen_for_test(_dir.path());
         let mut f = Self::open(_dir, store);
         f.now = now;
         f
@@ -751,4 +751,166 @@ fn an_unchanged_declared_schedule_keeps_its_due_fire() {
         "the missed fire at 20 still runs once"
     );
     assert_eq!(f.next_run("d"), Some(start + Duration::from_secs(30)));
+}
+
+// ----- notices ----------------------------------------------------------------
+
+fn with_grace(mut j: Job, secs: i64) -> Job {
+    j.shutdown_grace = Some(prost_types::Duration {
+        seconds: secs,
+        nanos: 0,
+    });
+    j
+}
+
+#[test]
+fn draining_answers_with_each_tasks_stop_by_and_assigns_nothing_more() {
+    let mut f = Fixture::new();
+    let a = f.submit(with_grace(job("k", 0), 7));
+    let b = f.submit(job("k", 0));
+    let mut w = f.connect("w", 2, &[], vec![]);
+    let first = w.assign();
+    w.assign();
+    f.submit(job("k", 0));
+    f.state.draining("w", w.generation, f.now);
+    f.commit();
+    let Some(Msg::Shutdown(shutdown)) = w.next() else {
+        panic!("expected a shutdown")
+    };
+    let stop_by = |id: &str| {
+        let t = shutdown.tasks.iter().find(|t| t.job_id == id).unwrap();
+        SystemTime::try_from(t.stop_by.unwrap()).unwrap()
+    };
+    assert_eq!(
+        stop_by(&a.id),
+        f.now + Duration::from_secs(7),
+        "the job's own grace"
+    );
+    assert_eq!(
+        stop_by(&b.id),
+        f.now + Duration::from_secs(30),
+        "the default grace"
+    );
+    let first_id = first.job.unwrap().id;
+    assert!(
+        f.complete(&w, &first_id, &first.lease_id, success())
+            .accepted
+    );
+    assert!(matches!(w.next(), Some(Msg::CompleteAck(_))));
+    f.advance(Duration::from_secs(1));
+    w.nothing(); // a slot is free and a job waits, but the worker drains
+    assert!(matches!(
+        f.state.drain_worker("nobody", "", f.now),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn drain_worker_sends_the_same_notice() {
+    let mut f = Fixture::new();
+    f.submit(job("k", 0));
+    let mut w = f.connect("w", 1, &[], vec![]);
+    w.assign();
+    let info = f.state.drain_worker("w", "deploy", f.now).unwrap();
+    f.commit();
+    assert!(info.draining);
+    let Some(Msg::Shutdown(s)) = w.next() else {
+        panic!("expected a shutdown")
+    };
+    assert_eq!((s.reason.as_str(), s.tasks.len()), ("deploy", 1));
+}
+
+#[test]
+fn a_cancelled_running_job_gets_a_notice_and_a_backstop() {
+    let mut f = Fixture::new();
+    let j = f.submit(with_grace(job("k", 0), 5));
+    let mut w = f.connect("w", 1, &[], vec![]);
+    let a = w.assign();
+    let id = JobId::parse(&j.id).unwrap();
+    f.state.cancel(id, "stop", f.now, &f.store).unwrap();
+    f.commit();
+    let Some(Msg::Cancel(c)) = w.next() else {
+        panic!("expected a cancel notice")
+    };
+    assert_eq!(
+        (c.lease_id.as_str(), c.reason.as_str()),
+        (a.lease_id.as_str(), "stop")
+    );
+    assert_eq!(
+        SystemTime::try_from(c.stop_by.unwrap()).unwrap(),
+        f.now + Duration::from_secs(5)
+    );
+    // The worker heartbeats but never reports: stop_by + lease timeout ends it here.
+    for _ in 0..14 {
+        f.state.heartbeat("w", w.generation, f.now);
+        f.advance(Duration::from_secs(1));
+    }
+    assert_eq!(f.get(&j.id).state(), JobState::Running);
+    f.state.heartbeat("w", w.generation, f.now);
+    f.advance(Duration::from_secs(1));
+    let ended = f.get(&j.id);
+    assert_eq!(ended.state(), JobState::Cancelled);
+    assert_eq!(ended.attempts[0].outcome, "cancelled");
+    assert!(
+        !f.complete(&w, &j.id, &a.lease_id, success()).accepted,
+        "the lease is fenced"
+    );
+}
+
+#[test]
+fn a_silent_timeout_is_failed_by_the_backstop_and_retried() {
+    let mut f = Fixture::new();
+    let mut timed = with_grace(job("k", 0), 2);
+    timed.timeout = Some(prost_types::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    let j = f.submit(timed);
+    let mut w = f.connect("w", 1, &[], vec![]);
+    let a = w.assign();
+    assert_eq!(
+        SystemTime::try_from(a.deadline.unwrap()).unwrap(),
+        f.now + Duration::from_secs(5)
+    );
+    for _ in 0..17 {
+        f.state.heartbeat("w", w.generation, f.now);
+        f.advance(Duration::from_secs(1));
+    }
+    let failed = f.get(&j.id);
+    assert_eq!(failed.state(), JobState::Scheduled, "retried after backoff");
+    assert_eq!(failed.attempts[0].outcome, "timed_out");
+    assert!(
+        failed.error.contains("timed out after 5s"),
+        "{}",
+        failed.error
+    );
+}
+
+#[test]
+fn a_job_goes_only_to_a_worker_that_can_honour_its_grace() {
+    let mut f = Fixture::new();
+    let long = f.submit(with_grace(job("k", 0), 60));
+    let short = f.submit(with_grace(job("k", 0), 5));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hello = Hello {
+        worker_id: "small".into(),
+        slots: 2,
+        max_shutdown_grace: Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    f.state.hello(hello, tx, f.now);
+    f.commit();
+    let mut small = Conn {
+        worker: "small".into(),
+        generation: 1,
+        rx: std::mem::replace(&mut rx, mpsc::unbounded_channel().1),
+    };
+    assert!(matches!(small.next(), Some(Msg::Welcome(_))));
+    assert_eq!(small.assign().job.unwrap().id, short.id);
+    small.nothing();
+    let mut big = f.connect("big", 1, &[], vec![]);
+    assert_eq!(big.assign().job.unwrap().id, long.id);
 }
