@@ -405,6 +405,29 @@ impl Worker {
         let mut child = self.child.take().expect("worker is not running");
         terminate_child(&mut child, TERM_GRACE)
     }
+
+    /// Sends a signal and returns at once.
+    pub fn signal(&self, signal: libc::c_int) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// Waits (polling, up to `bound`) for the worker to exit by itself; panics
+    /// if it does not.
+    pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("worker is not running");
+        let deadline = Instant::now() + bound;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return status;
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
+                Ok(None) => panic!("worker pid {} did not exit within {bound:?}", child.id()),
+                Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+            }
+        }
+    }
 }
 
 impl Drop for Worker {
@@ -461,6 +484,28 @@ pub fn worker_config(
         ));
     }
     out
+}
+
+/// Whether a process with this pid exists (and is not a zombie we could still reap).
+pub fn alive(pid: i32) -> bool {
+    // A zombie has exited; /proc still lists it until its parent reaps it.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Reads a pid a job's command wrote, waiting (bounded) for the file.
+pub async fn read_pid(path: &Path) -> i32 {
+    wait_until(BOUND, &format!("pid file {}", path.display()), || async {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+    .await
 }
 
 /// A connected channel to `url`.
