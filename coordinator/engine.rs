@@ -62,6 +62,12 @@ struct Shared {
     clock: Arc<dyn Clock>,
     /// Cancelled when the store failed.
     failed: CancellationToken,
+    /// The number of the last round whose writes were applied to sled.
+    applied: std::sync::atomic::AtomicU64,
+    /// The number of the last round whose writes are durable. Reads wait for
+    /// it to pass what they saw, so nobody is told of a change before it is
+    /// on disk.
+    durable: tokio::sync::watch::Sender<u64>,
 }
 
 /// A cloneable handle to the engine.
@@ -106,6 +112,8 @@ impl Engine {
             store,
             clock,
             failed: CancellationToken::new(),
+            applied: Default::default(),
+            durable: tokio::sync::watch::Sender::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let join = tokio::spawn(run(shared.clone(), rx, shutdown));
@@ -199,18 +207,43 @@ impl Engine {
     }
 
     /// One schedule.
-    pub fn get_schedule(&self, name: &str) -> Result<Schedule, Error> {
-        self.lock().get_schedule(name)
+    pub async fn get_schedule(&self, name: &str) -> Result<Schedule, Error> {
+        self.read(|s| s.get_schedule(name)).await?
     }
 
     /// A page of schedules and the next page's token.
-    pub fn list_schedules(&self, after: &str, size: usize) -> (Vec<Schedule>, String) {
-        self.lock().list_schedules(after, size)
+    pub async fn list_schedules(
+        &self,
+        after: &str,
+        size: usize,
+    ) -> Result<(Vec<Schedule>, String), Error> {
+        self.read(|s| s.list_schedules(after, size)).await
     }
 
     /// A stored schedule's spec and next run time.
-    pub fn schedule_spec(&self, name: &str) -> Result<(Spec, Option<SystemTime>), Error> {
-        self.lock().schedule_spec(name)
+    pub async fn schedule_spec(&self, name: &str) -> Result<(Spec, Option<SystemTime>), Error> {
+        self.read(|s| s.schedule_spec(name)).await?
+    }
+
+    /// Reads the model, and answers once what was read is durable.
+    async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, Error> {
+        let value = f(&self.lock());
+        self.durable_now().await?;
+        Ok(value)
+    }
+
+    /// Waits until every write applied so far is durable. Reads call it after
+    /// reading, so that what they return has reached the disk.
+    pub async fn durable_now(&self) -> Result<(), Error> {
+        let applied = self
+            .shared
+            .applied
+            .load(std::sync::atomic::Ordering::Acquire);
+        let mut durable = self.shared.durable.subscribe();
+        tokio::select! {
+            r = durable.wait_for(|d| *d >= applied) => r.map(|_| ()).map_err(|_| unavailable()),
+            _ = self.shared.failed.cancelled() => Err(Error::Unavailable("the store failed".into())),
+        }
     }
 
     /// The current time, from the engine's clock.
@@ -238,25 +271,40 @@ impl Engine {
         self.tell(Command::Disconnected(worker_id, generation));
     }
 
-    /// One job.
-    pub fn get_job(&self, id: JobId) -> Result<Job, Error> {
-        self.lock().get_job(id, &self.shared.store)
+    /// One job. The store is read without the lock: a job leaves the model
+    /// only after its final record was applied to sled, under the lock.
+    pub async fn get_job(&self, id: JobId) -> Result<Job, Error> {
+        let live = self.lock().live_job(id);
+        let job = match live {
+            Some(job) => job,
+            None => match self.shared.store.get_job(id)? {
+                Some(rec) => rec.job,
+                None => return Err(Error::NotFound(format!("job {id} not found"))),
+            },
+        };
+        self.durable_now().await?;
+        Ok(job)
     }
 
     /// The job now and a stream of its changes.
-    pub fn watch(&self, id: JobId) -> Result<(Job, Option<mpsc::UnboundedReceiver<Job>>), Error> {
-        self.lock().watch(id, &self.shared.store)
+    pub async fn watch(
+        &self,
+        id: JobId,
+    ) -> Result<(Job, Option<mpsc::UnboundedReceiver<Job>>), Error> {
+        let watched = self.lock().watch(id, &self.shared.store)?;
+        self.durable_now().await?;
+        Ok(watched)
     }
 
     /// The known workers.
-    pub fn list_workers(&self) -> Vec<proto::Worker> {
-        self.lock().list_workers()
+    pub async fn list_workers(&self) -> Result<Vec<proto::Worker>, Error> {
+        self.read(|s| s.list_workers()).await
     }
 
     /// Queue statistics.
-    pub fn queue_stats(&self, queue: &str) -> Vec<proto::QueueStat> {
+    pub async fn queue_stats(&self, queue: &str) -> Result<Vec<proto::QueueStat>, Error> {
         let now = self.shared.clock.now();
-        self.lock().queue_stats(queue, now)
+        self.read(|s| s.queue_stats(queue, now)).await
     }
 
     /// The store, for scans off the engine's task.
@@ -338,11 +386,13 @@ async fn run(
     let (sync_tx, sync_rx) = std::sync::mpsc::channel::<Round>();
     let store = shared.store.clone();
     let failed = shared.failed.clone();
+    let durable = shared.durable.clone();
     let syncer = std::thread::Builder::new()
         .name("rota-sync".into())
-        .spawn(move || sync_loop(&store, sync_rx, &failed))
+        .spawn(move || sync_loop(&store, sync_rx, &failed, &durable))
         .expect("spawning the sync thread");
     let mut commands = Vec::with_capacity(64);
+    let mut round_number = 0u64;
     loop {
         let now = shared.clock.now();
         let next = shared
@@ -372,12 +422,19 @@ async fn run(
             // Applied under the lock, so readers never see the model ahead of sled.
             let writes = std::mem::take(&mut round.writes);
             round.dirty = !writes.is_empty();
+            if round.dirty {
+                round_number += 1;
+                round.number = round_number;
+            }
             if let Err(e) = shared.store.apply(writes) {
                 tracing::error!(error = %e, "store write failed; stopping");
                 fail_round(round, &e.to_string());
                 shared.failed.cancel();
                 break;
             }
+            shared
+                .applied
+                .store(round_number, std::sync::atomic::Ordering::Release);
             round
         };
         if round.effects.is_empty() && !round.dirty {
@@ -427,7 +484,12 @@ fn fail_round(round: Round, why: &str) {
 
 /// The sync thread: one flush and fsync for every round that queued up while
 /// the last one ran, then their effects, in order.
-fn sync_loop(store: &Store, rx: std::sync::mpsc::Receiver<Round>, failed: &CancellationToken) {
+fn sync_loop(
+    store: &Store,
+    rx: std::sync::mpsc::Receiver<Round>,
+    failed: &CancellationToken,
+    durable: &tokio::sync::watch::Sender<u64>,
+) {
     let mut pending: Vec<Round> = Vec::new();
     while let Ok(first) = rx.recv() {
         pending.push(first);
@@ -436,9 +498,15 @@ fn sync_loop(store: &Store, rx: std::sync::mpsc::Receiver<Round>, failed: &Cance
         let outcome = if dirty { store.sync() } else { Ok(()) };
         match outcome {
             Ok(()) => {
+                let newest = pending.iter().map(|r| r.number).max().unwrap_or(0);
                 for round in pending.drain(..) {
                     run_effects(round.effects, Ok(()));
                 }
+                durable.send_if_modified(|d| {
+                    let advanced = newest > *d;
+                    *d = (*d).max(newest);
+                    advanced
+                });
             }
             Err(e) => {
                 tracing::error!(error = %e, "store sync failed; stopping");

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use rota::coordinator::config::Settings;
 use rota::coordinator::Coordinator;
+use tokio::signal::unix::{signal, SignalKind};
 
 /// Rota's coordinator: a durable job queue leased to workers over gRPC.
 ///
@@ -71,18 +72,17 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let coordinator = Coordinator::open(config).await?;
+    // Installed before the address is printed: a signal sent as soon as it is
+    // serving stops it cleanly.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     println!("listening on {addr}");
-    coordinator.serve(listener, shutdown_signal()).await?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    coordinator.serve(listener, shutdown).await?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -11,6 +11,11 @@
 //! applied batch durable: sled's own `flush()` only issues `sync_file_range`, so
 //! it is followed by a real `fsync` of the log file. The engine calls it once
 //! per group of writes (group commit).
+//!
+//! sled writes a log message too large for a quarter segment to its own file
+//! under `blobs/`, and never fsyncs it. So `sync` also fsyncs every blob file
+//! it has not synced yet, and the directory; it looks for new ones only when
+//! the directory changed, so the common case costs one `stat`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -56,6 +61,54 @@ pub struct Store {
     /// How many syncs have completed: group commit keeps this far below the
     /// number of writes.
     syncs: std::sync::atomic::AtomicU64,
+    /// sled's blob directory and what `sync` knows of it.
+    blobs: std::sync::Mutex<Blobs>,
+}
+
+/// The blob files already made durable.
+struct Blobs {
+    /// `dir/blobs`.
+    dir: PathBuf,
+    /// The directory's modification time at the last scan.
+    seen_mtime: Option<std::time::SystemTime>,
+    /// Names of blob files already fsynced.
+    synced: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl Blobs {
+    /// Fsyncs blob files created since the last call, and the directory.
+    fn sync(&mut self) -> std::io::Result<()> {
+        let mtime = match std::fs::metadata(&self.dir) {
+            Ok(m) => m.modified()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Directory times are coarse: a change in the same tick as the last scan
+        // keeps the same mtime, so a recently changed directory is scanned again.
+        let recent = std::time::SystemTime::now()
+            .duration_since(mtime)
+            .map_or(true, |age| age < std::time::Duration::from_millis(100));
+        if Some(mtime) == self.seen_mtime && !recent {
+            return Ok(());
+        }
+        let mut present = std::collections::HashSet::new();
+        let mut fresh = false;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced.contains(&name) {
+                File::open(entry.path())?.sync_data()?;
+                fresh = true;
+            }
+            present.insert(name);
+        }
+        if fresh {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        self.synced = present;
+        self.seen_mtime = Some(mtime);
+        Ok(())
+    }
 }
 
 /// An atomic group of record writes.
@@ -152,6 +205,11 @@ impl Store {
             log_file,
             log_path,
             syncs: Default::default(),
+            blobs: std::sync::Mutex::new(Blobs {
+                dir: dir.join("blobs"),
+                seen_mtime: None,
+                synced: Default::default(),
+            }),
         })
     }
 
@@ -172,6 +230,12 @@ impl Store {
                 path: self.log_path.clone(),
                 source,
             })?;
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        blobs.sync().map_err(|source| StoreError::Sync {
+            path: blobs.dir.clone(),
+            source,
+        })?;
+        drop(blobs);
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -266,6 +330,28 @@ mod tests {
             },
             lease: None,
         }
+    }
+
+    #[test]
+    fn large_records_land_in_blob_files_that_sync_makes_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut big = rec();
+        big.job.payload = vec![7; 300 << 10];
+        let mut w = Writes::default();
+        w.put_job(&big);
+        store.apply(w).unwrap();
+        store.sync().unwrap();
+        let blobs = store.blobs.lock().unwrap();
+        assert!(
+            !blobs.synced.is_empty(),
+            "a 300 KiB record is a blob file, and it was synced"
+        );
+        drop(blobs);
+        assert_eq!(
+            store.get_job(big.id()).unwrap().unwrap().job.payload.len(),
+            300 << 10
+        );
     }
 
     #[test]

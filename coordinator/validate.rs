@@ -29,7 +29,12 @@ pub const MAX_LABELS: usize = 64;
 /// Longest label key or value, in bytes.
 pub const MAX_LABEL_LEN: usize = 1024;
 
-/// Reads an optional protobuf duration, rejecting negative or malformed ones.
+/// Longest duration accepted anywhere (timeouts, graces, backoffs, intervals):
+/// about ten years, far from where instant arithmetic could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Reads an optional protobuf duration, rejecting negative, malformed or
+/// absurdly long ones.
 pub fn duration(field: &str, d: &Option<prost_types::Duration>) -> Result<Option<Duration>, Error> {
     let Some(d) = d else { return Ok(None) };
     if d.seconds < 0 || d.nanos < 0 {
@@ -44,7 +49,18 @@ pub fn duration(field: &str, d: &Option<prost_types::Duration>) -> Result<Option
             format!("nanos {} is out of range", d.nanos),
         ));
     }
-    Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
+    let d = Duration::new(d.seconds as u64, d.nanos as u32);
+    if d > MAX_DURATION {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {}s; the limit is {}s (10 years)",
+                d.as_secs(),
+                MAX_DURATION.as_secs()
+            ),
+        ));
+    }
+    Ok(Some(d))
 }
 
 /// Reads an optional protobuf timestamp.
@@ -244,6 +260,15 @@ mod tests {
             nanos: 0,
         });
         assert!(message(new_job("job", j, 10)).contains("job.timeout: must not be negative"));
+        let mut j = job("k");
+        j.shutdown_grace = Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        });
+        assert!(
+            message(new_job("job", j, 10)).contains("job.shutdown_grace: is"),
+            "huge durations are refused"
+        );
         let mut j = job("k");
         j.retry = Some(RetryPolicy {
             multiplier: 0.5,

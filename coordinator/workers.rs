@@ -69,7 +69,9 @@ impl WorkerEntry {
 
     /// How many more jobs it can take now.
     pub fn free_slots(&self) -> usize {
-        if self.session.is_none() || self.draining {
+        // A closed sender means the stream is gone and its disconnect is on
+        // its way: nothing sent now would arrive.
+        if self.draining || self.session.as_ref().is_none_or(|s| s.tx.is_closed()) {
             return 0;
         }
         (self.slots as usize).saturating_sub(self.leases.len())

@@ -42,12 +42,9 @@ async fn acknowledged_jobs_survive_kill_9() {
                 .enumerate()
                 .map(|(i, r)| {
                     let j = r.job.expect("result has a job");
-                    assert_eq!(
-                        j.payload,
-                        format!("batch-{b}-{i}").as_bytes(),
-                        "results in order"
-                    );
-                    (j.id, j.payload)
+                    assert!(j.payload.is_empty(), "batch results leave payloads out");
+                    // Results come in request order; the payloads prove it after restart.
+                    (j.id, format!("batch-{b}-{i}").into_bytes())
                 })
                 .collect::<Vec<_>>()
         });

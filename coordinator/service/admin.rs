@@ -31,7 +31,7 @@ impl AdminService for Admin {
         _req: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         Ok(Response::new(ListWorkersResponse {
-            workers: self.engine.list_workers(),
+            workers: self.engine.list_workers().await?,
         }))
     }
 
@@ -41,7 +41,7 @@ impl AdminService for Admin {
         req: Request<GetQueueStatsRequest>,
     ) -> Result<Response<QueueStats>, Status> {
         Ok(Response::new(QueueStats {
-            queues: self.engine.queue_stats(&req.into_inner().queue),
+            queues: self.engine.queue_stats(&req.into_inner().queue).await?,
         }))
     }
 

@@ -143,14 +143,21 @@ impl JobService for Jobs {
         if jobs.is_empty() {
             return Ok(Response::new(SubmitJobsResponse::default()));
         }
-        let results = self.engine.submit(jobs).await?;
+        let mut results = self.engine.submit(jobs).await?;
+        // The caller has the payloads; echoing them could make the answer
+        // larger than any message limit allows.
+        for r in &mut results {
+            if let Some(job) = &mut r.job {
+                job.payload.clear();
+            }
+        }
         Ok(Response::new(SubmitJobsResponse { results }))
     }
 
     #[tracing::instrument(skip_all)]
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let id = job_id("id", &req.into_inner().id)?;
-        Ok(Response::new(self.engine.get_job(id)?))
+        Ok(Response::new(self.engine.get_job(id).await?))
     }
 
     #[tracing::instrument(skip_all)]
@@ -190,6 +197,8 @@ impl JobService for Jobs {
         let page = tokio::task::spawn_blocking(move || list_page(&store, &filter, after, size))
             .await
             .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
+        // What the scan saw may include writes not yet on disk.
+        self.engine.durable_now().await?;
         Ok(Response::new(page))
     }
 
@@ -214,7 +223,7 @@ impl JobService for Jobs {
         req: Request<WatchJobRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let id = job_id("id", &req.into_inner().id)?;
-        let (job, changes) = self.engine.watch(id)?;
+        let (job, changes) = self.engine.watch(id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut last = job.clone();
@@ -222,7 +231,16 @@ impl JobService for Jobs {
                 return;
             }
             let Some(mut changes) = changes else { return };
-            while let Some(job) = changes.recv().await {
+            loop {
+                // A client that goes away ends this task at once, not at the
+                // job's next change.
+                let job = tokio::select! {
+                    job = changes.recv() => match job {
+                        Some(job) => job,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                };
                 if job == last {
                     continue;
                 }

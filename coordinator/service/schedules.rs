@@ -96,7 +96,7 @@ impl ScheduleService for Schedules {
         req: Request<GetScheduleRequest>,
     ) -> Result<Response<Schedule>, Status> {
         let name = name("name", req.into_inner().name)?;
-        Ok(Response::new(self.engine.get_schedule(&name)?))
+        Ok(Response::new(self.engine.get_schedule(&name).await?))
     }
 
     #[tracing::instrument(skip_all)]
@@ -114,7 +114,8 @@ impl ScheduleService for Schedules {
             0 => DEFAULT_PAGE_SIZE,
             n => (n as usize).min(MAX_PAGE_SIZE),
         };
-        let (schedules, next_page_token) = self.engine.list_schedules(&req.page_token, size);
+        let (schedules, next_page_token) =
+            self.engine.list_schedules(&req.page_token, size).await?;
         Ok(Response::new(ListSchedulesResponse {
             schedules,
             next_page_token,
@@ -175,7 +176,7 @@ impl ScheduleService for Schedules {
         };
         let after = validate::timestamp("after", &req.after)?.unwrap_or_else(|| self.engine.now());
         let (spec, next) = match req.source {
-            Some(Source::Name(n)) => self.engine.schedule_spec(&name("name", n)?)?,
+            Some(Source::Name(n)) => self.engine.schedule_spec(&name("name", n)?).await?,
             Some(Source::Spec(s)) => (Spec::parse("spec", Some(&s))?, None),
             None => {
                 return Err(Error::invalid("source", "set name (a stored schedule) or spec").into())

@@ -97,10 +97,20 @@ impl WorkerService for Sessions {
         check_hello(&hello)?;
         let worker_id = hello.worker_id.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let generation = self.engine.hello(hello, tx).await?;
-        tracing::info!(worker = %worker_id, generation, "worker connected");
+        // Registration and the reader run in their own task, so that a call
+        // dropped while waiting for the engine still reports its disconnect.
+        let (registered_tx, registered) = tokio::sync::oneshot::channel();
         let engine = self.engine.clone();
         tokio::spawn(async move {
+            let generation = match engine.hello(hello, tx).await {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = registered_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = registered_tx.send(Ok(()));
+            tracing::info!(worker = %worker_id, generation, "worker connected");
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -122,6 +132,11 @@ impl WorkerService for Sessions {
             tracing::info!(worker = %worker_id, generation, "worker stream ended");
             engine.disconnected(worker_id, generation);
         });
+        match registered.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(Status::unavailable("the coordinator is shutting down")),
+        }
         Ok(Response::new(Box::pin(
             UnboundedReceiverStream::new(rx).map(Ok),
         )))

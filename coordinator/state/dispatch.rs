@@ -115,27 +115,32 @@ impl State {
         self.workers.rotation = self.workers.rotation.wrapping_add(1);
         let shift = self.workers.rotation % candidates.len();
         candidates.rotate_left(shift);
-        loop {
-            let mut progress = false;
-            for worker_id in &candidates {
-                let Some(w) = self.workers.map.get(worker_id) else {
-                    continue;
-                };
-                if w.free_slots() == 0 {
-                    continue;
+        // One job per worker per pass, round-robin; a worker that got nothing
+        // (full, or no ready job it can run) leaves the list.
+        while !candidates.is_empty() {
+            let mut i = 0;
+            while i < candidates.len() {
+                let pick = self.workers.map.get(&candidates[i]).and_then(|w| {
+                    if w.free_slots() == 0 {
+                        return None;
+                    }
+                    let (jobs, default) = (&self.jobs, self.settings.default_shutdown_grace);
+                    let fits = |id: JobId| match w.max_grace {
+                        None => true,
+                        Some(max) => jobs.get(&id).is_some_and(|l| l.grace(default) <= max),
+                    };
+                    self.ready.best_for(&w.queues, &w.kinds, fits)
+                });
+                match pick {
+                    Some(job) => {
+                        let worker_id = candidates[i].clone();
+                        self.lease(job, &worker_id, now);
+                        i += 1;
+                    }
+                    None => {
+                        candidates.remove(i);
+                    }
                 }
-                let (jobs, default) = (&self.jobs, self.settings.default_shutdown_grace);
-                let fits = |id: JobId| match w.max_grace {
-                    None => true,
-                    Some(max) => jobs.get(&id).is_some_and(|l| l.grace(default) <= max),
-                };
-                if let Some(job) = self.ready.best_for(&w.queues, &w.kinds, fits) {
-                    self.lease(job, worker_id, now);
-                    progress = true;
-                }
-            }
-            if !progress {
-                break;
             }
         }
     }

@@ -13,20 +13,36 @@ impl State {
         now: SystemTime,
         store: &Store,
     ) -> Result<Vec<SubmitJobResponse>, Error> {
+        // First every read that can fail, so that an error stages nothing.
+        let mut known = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let existing = match self.idempotency.get(&job.idempotency_key) {
+                Some(&id) if !job.idempotency_key.is_empty() => Some(self.get_job(id, store)?),
+                _ => None,
+            };
+            known.push(existing);
+        }
         let mut results = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if !job.idempotency_key.is_empty() {
-                if let Some(&existing) = self.idempotency.get(&job.idempotency_key) {
-                    results.push(SubmitJobResponse {
-                        job: Some(self.get_job(existing, store)?),
-                        deduplicated: true,
-                    });
-                    continue;
-                }
-            }
-            results.push(SubmitJobResponse {
-                job: Some(self.create_job(job, now)),
-                deduplicated: false,
+        for (job, existing) in jobs.into_iter().zip(known) {
+            // A key first seen earlier in this batch is known now too.
+            let existing = match existing {
+                Some(job) => Some(job),
+                None => match self.idempotency.get(&job.idempotency_key) {
+                    Some(id) if !job.idempotency_key.is_empty() => {
+                        self.jobs.get(id).map(|l| l.rec.job.clone())
+                    }
+                    _ => None,
+                },
+            };
+            results.push(match existing {
+                Some(first) => SubmitJobResponse {
+                    job: Some(first),
+                    deduplicated: true,
+                },
+                None => SubmitJobResponse {
+                    job: Some(self.create_job(job, now)),
+                    deduplicated: false,
+                },
             });
         }
         Ok(results)
@@ -141,6 +157,11 @@ impl State {
         Ok(job)
     }
 
+    /// A job that has not finished, from the model.
+    pub fn live_job(&self, id: JobId) -> Option<Job> {
+        self.jobs.get(&id).map(|l| l.rec.job.clone())
+    }
+
     /// One job, live or finished.
     pub fn get_job(&self, id: JobId, store: &Store) -> Result<Job, Error> {
         if let Some(live) = self.jobs.get(&id) {
@@ -163,7 +184,10 @@ impl State {
             return Ok((job, None));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        self.watchers.entry(id).or_default().push(tx);
+        let watchers = self.watchers.entry(id).or_default();
+        // Streams closed since the job last changed go now, not at its next change.
+        watchers.retain(|w| !w.is_closed());
+        watchers.push(tx);
         Ok((job, Some(rx)))
     }
 }

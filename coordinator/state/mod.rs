@@ -57,6 +57,8 @@ pub struct Round {
     pub writes: Writes,
     /// Whether the round wrote anything (set by the engine once it applied them).
     pub dirty: bool,
+    /// The engine's number for a round that wrote (0 for one that did not).
+    pub number: u64,
     /// Run in order after the writes are durable.
     pub effects: Vec<Effect>,
 }

@@ -47,13 +47,16 @@ impl State {
         for held in hello.held {
             let kept = JobId::parse(&held.job_id).ok().and_then(|job| {
                 let lease = LeaseId::parse(&held.lease_id)?;
-                (old_leases.get(&job) == Some(&lease)).then_some((job, lease))
+                // A lease named twice is resumed, not also rejected.
+                let named_before = entry.leases.get(&job) == Some(&lease);
+                (named_before || old_leases.get(&job) == Some(&lease)).then_some((job, lease))
             });
             match kept {
                 Some((job, lease)) => {
                     old_leases.remove(&job);
-                    entry.leases.insert(job, lease);
-                    resumed.push(held);
+                    if entry.leases.insert(job, lease).is_none() {
+                        resumed.push(held);
+                    }
                 }
                 None => rejected.push(held),
             }

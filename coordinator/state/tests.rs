@@ -914,3 +914,58 @@ fn a_job_goes_only_to_a_worker_that_can_honour_its_grace() {
     let mut big = f.connect("big", 1, &[], vec![]);
     assert_eq!(big.assign().job.unwrap().id, long.id);
 }
+
+// ----- review fixes -----------------------------------------------------------
+
+#[test]
+fn a_lease_named_twice_in_hello_is_resumed_once_and_not_rejected() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w", 1, &[], vec![]);
+    let a = w.assign();
+    f.state.disconnected("w", w.generation);
+    let held = LeaseRef {
+        job_id: j.id.clone(),
+        lease_id: a.lease_id.clone(),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hello = Hello {
+        worker_id: "w".into(),
+        slots: 1,
+        held: vec![held.clone(), held],
+        ..Default::default()
+    };
+    f.state.hello(hello, tx, f.now);
+    f.commit();
+    let Some(Msg::Welcome(welcome)) = rx.try_recv().unwrap().msg else {
+        panic!("expected welcome")
+    };
+    assert_eq!((welcome.resumed.len(), welcome.rejected.len()), (1, 0));
+    assert_eq!(f.get(&j.id).state(), JobState::Running);
+}
+
+#[test]
+fn a_session_whose_stream_is_gone_gets_no_work() {
+    let mut f = Fixture::new();
+    let w = f.connect("w", 1, &[], vec![]);
+    drop(w); // the receiver is gone; the disconnect has not been processed yet
+    let j = f.submit(job("k", 0));
+    assert_eq!(f.get(&j.id).state(), JobState::Queued);
+}
+
+#[test]
+fn abandoned_watch_streams_do_not_pile_up() {
+    let mut f = Fixture::new();
+    let mut delayed = job("k", 0);
+    delayed.run_time = Some((f.now + Duration::from_secs(3600)).into());
+    let j = f.submit(delayed);
+    let id = JobId::parse(&j.id).unwrap();
+    for _ in 0..1000 {
+        let (_, rx) = f.state.watch(id, &f.store).unwrap();
+        drop(rx);
+    }
+    assert!(
+        f.state.watchers[&id].len() <= 1,
+        "closed watchers are pruned"
+    );
+}
