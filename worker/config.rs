@@ -366,8 +366,12 @@ mod tests {
         let text = include_str!("../examples/worker.toml");
         let config = WorkerConfig::from_toml(text).expect("examples/worker.toml is valid");
         assert_eq!(config.slots, Some(4));
-        for kind in ["echo", "fail", "sleep"] {
+        for kind in ["echo", "fail", "sleep", "patient"] {
             assert!(config.kinds.contains_key(kind), "missing kind {kind}");
         }
+        assert_eq!(
+            config.kinds["patient"].stop_signal,
+            Some(StopSignal::from_raw(libc::SIGINT).expect("valid"))
+        );
     }
 }
