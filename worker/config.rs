@@ -6,22 +6,25 @@
 //! queues = ["default"]          # default: ["default"]
 //! slots = 4                     # default: number of CPUs
 //! max_output = "1MiB"           # cap on a command's stdout result
+//! max_shutdown_grace = "30s"    # longest job grace honoured; default: no limit
 //! [labels]
 //! zone = "a"
 //! [kinds.resize]
 //! command = ["python3", "resize.py"]
 //! env = { K = "V" }             # optional
 //! cwd = "/srv/resize"           # optional
+//! stop_signal = "SIGINT"        # the notice; default SIGTERM
 //! ```
 //!
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use super::command::{CommandError, CommandHandler, DEFAULT_MAX_OUTPUT};
+use super::command::{CommandHandler, StopSignal, DEFAULT_MAX_OUTPUT};
 use super::WorkerBuilder;
 
 /// Errors loading or checking a config file.
@@ -63,6 +66,11 @@ pub struct WorkerConfig {
     pub slots: Option<u32>,
     /// Cap on a command's stdout result; default 1 MiB.
     pub max_output: Option<ByteSize>,
+    /// The longest shutdown grace this worker can honour, written like
+    /// `"30s"`; the coordinator leases it no job with a longer one. Default:
+    /// no limit.
+    #[serde(default, deserialize_with = "duration_setting")]
+    pub max_shutdown_grace: Option<Duration>,
     /// Free-form labels shown in `ListWorkers`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -82,6 +90,17 @@ pub struct KindConfig {
     pub env: BTreeMap<String, String>,
     /// Working directory for the command.
     pub cwd: Option<PathBuf>,
+    /// The signal the command's process group gets as its notice (cancel,
+    /// shutdown, timeout); default SIGTERM. SIGKILL follows at the stop-by time.
+    pub stop_signal: Option<StopSignal>,
+}
+
+/// A duration written like `"500ms"`, `"30s"` or `"1m 30s"`.
+fn duration_setting<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::units::parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// A size in bytes, written as an integer or a string like `"512KiB"`, `"1MiB"`,
@@ -171,15 +190,18 @@ impl WorkerConfig {
         if let Some(slots) = self.slots {
             builder = builder.slots(slots);
         }
+        if let Some(grace) = self.max_shutdown_grace {
+            builder = builder.max_shutdown_grace(grace);
+        }
         for (k, v) in &self.labels {
             builder = builder.label(k.clone(), v.clone());
         }
         for (kind, spec) in &self.kinds {
+            // `new` only fails on an empty command.
             let mut handler = CommandHandler::new(spec.command.iter().cloned())
-                .map_err(|CommandError::EmptyCommand| ConfigError::EmptyCommand {
-                    kind: kind.clone(),
-                })?
-                .max_output(self.max_output());
+                .map_err(|_| ConfigError::EmptyCommand { kind: kind.clone() })?
+                .max_output(self.max_output())
+                .stop_signal(spec.stop_signal.unwrap_or_default());
             for (k, v) in &spec.env {
                 handler = handler.env(k.clone(), v.clone());
             }
@@ -278,6 +300,57 @@ mod tests {
     }
 
     #[test]
+    fn stop_signal_and_max_shutdown_grace() {
+        let config = WorkerConfig::from_toml(
+            r#"
+            max_shutdown_grace = "1m 30s"
+            [kinds.a]
+            command = ["x"]
+            stop_signal = "INT"
+            [kinds.b]
+            command = ["x"]
+            stop_signal = 10
+            [kinds.c]
+            command = ["x"]
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(config.max_shutdown_grace, Some(Duration::from_secs(90)));
+        assert_eq!(
+            config.kinds["a"].stop_signal.map(StopSignal::as_raw),
+            Some(libc::SIGINT)
+        );
+        assert_eq!(
+            config.kinds["b"].stop_signal.map(StopSignal::as_raw),
+            Some(10)
+        );
+        assert_eq!(config.kinds["c"].stop_signal, None);
+        config
+            .worker_builder("http://127.0.0.1:50051")
+            .expect("builder")
+            .build()
+            .expect("worker");
+
+        let err =
+            WorkerConfig::from_toml("[kinds.a]\ncommand = [\"x\"]\nstop_signal = \"SIGKILL\"\n")
+                .expect_err("kill refused");
+        assert!(
+            err.to_string().contains("SIGKILL cannot be caught"),
+            "{err}"
+        );
+        let err = WorkerConfig::from_toml(
+            "[kinds.a]\ncommand = [\"x\"]\nstop_signal = \"SIGTERMINATE\"\n",
+        )
+        .expect_err("unknown name");
+        assert!(err.to_string().contains("SIGTERMINATE"), "{err}");
+        let err = WorkerConfig::from_toml(
+            "max_shutdown_grace = \"soon\"\n[kinds.a]\ncommand = [\"x\"]\n",
+        )
+        .expect_err("bad duration");
+        assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!("65536".parse(), Ok(ByteSize(65536)));
         assert_eq!("512KiB".parse(), Ok(ByteSize(512 * 1024)));
@@ -293,8 +366,12 @@ mod tests {
         let text = include_str!("../examples/worker.toml");
         let config = WorkerConfig::from_toml(text).expect("examples/worker.toml is valid");
         assert_eq!(config.slots, Some(4));
-        for kind in ["echo", "fail", "sleep"] {
+        for kind in ["echo", "fail", "sleep", "patient"] {
             assert!(config.kinds.contains_key(kind), "missing kind {kind}");
         }
+        assert_eq!(
+            config.kinds["patient"].stop_signal,
+            Some(StopSignal::from_raw(libc::SIGINT).expect("valid"))
+        );
     }
 }

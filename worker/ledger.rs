@@ -2,16 +2,21 @@
 //! `Complete` the coordinator has not acknowledged yet.
 //!
 //! Pure logic with no I/O: the session driver ([`super::session`]) feeds it
-//! what happened (an assign, a task's end, a Welcome, an ack) and performs the
-//! actions it returns (messages to send, tasks to abort). The ledger outlives
-//! every session, which is what lets running tasks and unacknowledged results
-//! survive a reconnect.
+//! what happened (an assign, a task's end, a Welcome, an ack, a notice, the
+//! clock reaching a deadline) and performs the actions it returns (messages to
+//! send, tasks to abort). The ledger outlives every session, which is what lets
+//! running tasks and unacknowledged results survive a reconnect.
+//!
+//! Notices: each running task keeps the notices it got (cancel, shutdown,
+//! timeout) and the earliest `stop_by` among them, its kill time. The notices
+//! decide what a task's end is reported as; see [`Ledger::finish`].
 
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::task::{ProgressSlot, TaskError};
+use super::task::{Notice, NoticeKind, NoticeSlot, ProgressSlot, TaskError};
 use crate::proto::{self, complete::Outcome};
 
 /// A lease as the worker tracks it: the job and its fencing token.
@@ -54,6 +59,22 @@ pub(crate) enum TaskEnd {
     Aborted,
 }
 
+/// A task's timeout (`Assign.deadline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timeout {
+    /// When the task gets its timeout notice.
+    pub(crate) at: SystemTime,
+    /// The job's `timeout`, for the error message.
+    pub(crate) after: Duration,
+}
+
+impl Timeout {
+    /// `Failure.error` of a timed-out attempt: `timed out after 2s`.
+    fn message(&self) -> String {
+        format!("timed out after {}", humantime::format_duration(self.after))
+    }
+}
+
 /// One task in flight.
 #[derive(Debug)]
 pub(crate) struct RunningTask {
@@ -61,19 +82,159 @@ pub(crate) struct RunningTask {
     pub(crate) abort: CancellationToken,
     /// The handler's latest progress message, taken by each heartbeat.
     pub(crate) progress: ProgressSlot,
+    /// Where notices go to the handler's context.
+    notices: NoticeSlot,
+    /// How long the task may take to stop after a notice the worker starts
+    /// itself (a drain, a timeout, a notice without `stop_by`).
+    grace: Duration,
+    /// When the attempt times out, if it does.
+    timeout: Option<Timeout>,
+    /// When the task is aborted if it still runs: the earliest `stop_by` of
+    /// its notices.
+    kill_at: Option<SystemTime>,
+    /// The abort was fired at `kill_at` (so it is not fired again).
+    killed: bool,
+    /// A cancel notice arrived, with this reason.
+    cancelled: Option<String>,
+    /// The timeout notice was given.
+    timed_out: bool,
+    /// A shutdown notice arrived, with this reason.
+    shutdown: Option<String>,
     /// Set when the worker itself aborts the task (stop now): the reason sent
     /// back as `Interrupted`.
     stop_reason: Option<String>,
 }
 
 impl RunningTask {
-    pub(crate) fn new(abort: CancellationToken, progress: ProgressSlot) -> Self {
+    pub(crate) fn new(
+        abort: CancellationToken,
+        progress: ProgressSlot,
+        notices: NoticeSlot,
+        grace: Duration,
+        timeout: Option<Timeout>,
+    ) -> Self {
         Self {
             abort,
             progress,
+            notices,
+            grace,
+            timeout,
+            kill_at: None,
+            killed: false,
+            cancelled: None,
+            timed_out: false,
+            shutdown: None,
             stop_reason: None,
         }
     }
+
+    /// Records a notice, moves the kill time earlier if it says so, and tells
+    /// the handler.
+    fn give(&mut self, kind: NoticeKind, reason: &str, stop_by: SystemTime) {
+        match kind {
+            NoticeKind::Cancel => {
+                self.cancelled.get_or_insert_with(|| reason.to_owned());
+            }
+            NoticeKind::Shutdown => {
+                self.shutdown.get_or_insert_with(|| reason.to_owned());
+            }
+            NoticeKind::Timeout => self.timed_out = true,
+        }
+        self.kill_at = Some(self.kill_at.map_or(stop_by, |at| at.min(stop_by)));
+        self.notices.post(Notice {
+            kind,
+            reason: reason.to_owned(),
+            stop_by,
+        });
+    }
+
+    /// The next instant something is due for this task: its timeout notice or
+    /// its kill.
+    fn next_deadline(&self) -> Option<SystemTime> {
+        let timeout = self.timeout.filter(|_| !self.timed_out).map(|t| t.at);
+        let kill = self.kill_at.filter(|_| !self.killed);
+        match (timeout, kill) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What the task's end is reported as:
+    /// - a success is a success, unless the attempt had timed out by then;
+    /// - after a cancel notice, any other end is `Cancelled`;
+    /// - after the timeout notice, any other end is the timeout failure;
+    /// - a task aborted (killed at `stop_by`, or by a stop-now) or stopped by
+    ///   its shutdown notice is `Interrupted`;
+    /// - anything else is reported as it ended.
+    fn outcome(&self, end: TaskEnd) -> Outcome {
+        let interrupted = || {
+            Outcome::Interrupted(proto::Interrupted {
+                reason: self
+                    .stop_reason
+                    .clone()
+                    .or_else(|| self.shutdown.clone())
+                    .unwrap_or_else(|| "task aborted".to_owned()),
+            })
+        };
+        match end {
+            TaskEnd::Returned(Ok(result)) if !self.timed_out => {
+                Outcome::Success(proto::Success { result })
+            }
+            _ if self.cancelled.is_some() => Outcome::Cancelled(proto::Cancelled {
+                reason: self.cancelled.clone().unwrap_or_default(),
+            }),
+            _ if self.timed_out => Outcome::Failure(proto::Failure {
+                error: self
+                    .timeout
+                    .map_or_else(|| "timed out".to_owned(), |t| t.message()),
+                permanent: false,
+            }),
+            TaskEnd::Aborted => interrupted(),
+            TaskEnd::Returned(Err(e))
+                if e.is_stopped() && (self.shutdown.is_some() || self.stop_reason.is_some()) =>
+            {
+                interrupted()
+            }
+            TaskEnd::Returned(Ok(result)) => Outcome::Success(proto::Success { result }),
+            TaskEnd::Returned(Err(e)) => Outcome::Failure(proto::Failure {
+                error: e.message().to_owned(),
+                permanent: e.is_permanent(),
+            }),
+            TaskEnd::Panicked(message) => Outcome::Failure(proto::Failure {
+                error: format!("handler panicked: {message}"),
+                permanent: false,
+            }),
+        }
+    }
+}
+
+/// What became of a notice for one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoticeResult {
+    /// The task runs and was told.
+    Given,
+    /// The task already ended (its result may await its ack): ignored.
+    Ended,
+    /// Not a lease of ours: ignored.
+    Unknown,
+}
+
+/// What a shutdown notice did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct ShutdownReport {
+    /// Running tasks told to stop.
+    pub(crate) noticed: usize,
+    /// Listed leases that are not ours.
+    pub(crate) unknown: Vec<LeaseKey>,
+}
+
+/// What came due at a tick of the clock.
+#[derive(Debug, Default)]
+pub(crate) struct Expired {
+    /// Tasks that just got their timeout notice.
+    pub(crate) timed_out: Vec<LeaseKey>,
+    /// Tasks still running at their kill time: abort them.
+    pub(crate) kill: Vec<(LeaseKey, CancellationToken)>,
 }
 
 /// What to do after a Welcome.
@@ -141,25 +302,86 @@ impl Ledger {
 
     /// A task ended: returns the `Complete` to send, now pending until acked.
     /// `None` when the lease is no longer ours (rejected, so its task was aborted).
+    /// The notices the task got decide the outcome; see [`RunningTask::outcome`].
     pub(crate) fn finish(&mut self, key: LeaseKey, end: TaskEnd) -> Option<proto::Complete> {
         let task = self.running.remove(&key)?;
-        let outcome = match end {
-            TaskEnd::Returned(Ok(result)) => Outcome::Success(proto::Success { result }),
-            TaskEnd::Returned(Err(e)) => Outcome::Failure(proto::Failure {
-                error: e.message().to_owned(),
-                permanent: e.is_permanent(),
-            }),
-            TaskEnd::Panicked(message) => Outcome::Failure(proto::Failure {
-                error: format!("handler panicked: {message}"),
-                permanent: false,
-            }),
-            TaskEnd::Aborted => Outcome::Interrupted(proto::Interrupted {
-                reason: task
-                    .stop_reason
-                    .unwrap_or_else(|| "task aborted".to_owned()),
-            }),
-        };
+        let outcome = task.outcome(end);
         Some(self.refuse(key, outcome))
+    }
+
+    /// Gives one task a notice. Without `stop_by` it gets now + its grace.
+    pub(crate) fn notify(
+        &mut self,
+        key: &LeaseKey,
+        kind: NoticeKind,
+        reason: &str,
+        stop_by: Option<SystemTime>,
+        now: SystemTime,
+    ) -> NoticeResult {
+        match self.running.get_mut(key) {
+            Some(task) => {
+                let stop_by = stop_by.unwrap_or(now + task.grace);
+                task.give(kind, reason, stop_by);
+                NoticeResult::Given
+            }
+            None if self.pending.contains_key(key) => NoticeResult::Ended,
+            None => NoticeResult::Unknown,
+        }
+    }
+
+    /// A shutdown: every listed running task is told to stop by its given
+    /// time (now + its grace when none is given), and so is every running task
+    /// not listed. A task keeps the earliest stop-by it was given.
+    pub(crate) fn shutdown(
+        &mut self,
+        reason: &str,
+        listed: &[(LeaseKey, Option<SystemTime>)],
+        now: SystemTime,
+    ) -> ShutdownReport {
+        let mut report = ShutdownReport::default();
+        let given: BTreeMap<&LeaseKey, Option<SystemTime>> =
+            listed.iter().map(|(k, at)| (k, *at)).collect();
+        for (key, _) in listed {
+            if !self.knows(key) {
+                report.unknown.push(key.clone());
+            }
+        }
+        for (key, task) in &mut self.running {
+            let stop_by = given.get(key).copied().flatten();
+            task.give(
+                NoticeKind::Shutdown,
+                reason,
+                stop_by.unwrap_or(now + task.grace),
+            );
+            report.noticed += 1;
+        }
+        report
+    }
+
+    /// The next instant at which [`Ledger::expire`] has something to do.
+    pub(crate) fn next_deadline(&self) -> Option<SystemTime> {
+        self.running
+            .values()
+            .filter_map(RunningTask::next_deadline)
+            .min()
+    }
+
+    /// Gives the timeout notice to tasks past their timeout (stop by the
+    /// timeout + grace) and returns the tasks past their kill time to abort.
+    pub(crate) fn expire(&mut self, now: SystemTime) -> Expired {
+        let mut expired = Expired::default();
+        for (key, task) in &mut self.running {
+            if let Some(timeout) = task.timeout.filter(|t| !task.timed_out && t.at <= now) {
+                let reason = timeout.message();
+                task.give(NoticeKind::Timeout, &reason, timeout.at + task.grace);
+                expired.timed_out.push(key.clone());
+            }
+            if !task.killed && task.kill_at.is_some_and(|at| at <= now) {
+                task.killed = true;
+                expired.kill.push((key.clone(), task.abort.clone()));
+            }
+        }
+        expired
     }
 
     /// Applies a Welcome: rejected leases are forgotten (their tasks returned
@@ -233,7 +455,38 @@ mod tests {
     }
 
     fn task() -> RunningTask {
-        RunningTask::new(CancellationToken::new(), ProgressSlot::default())
+        task_with(GRACE, None)
+    }
+
+    const GRACE: Duration = Duration::from_millis(300);
+
+    fn task_with(grace: Duration, timeout: Option<Timeout>) -> RunningTask {
+        RunningTask::new(
+            CancellationToken::new(),
+            ProgressSlot::default(),
+            NoticeSlot::default(),
+            grace,
+            timeout,
+        )
+    }
+
+    /// A fixed "now" for the clock-driven tests.
+    fn t(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000) + Duration::from_millis(ms)
+    }
+
+    fn ended(ledger: &mut Ledger, n: u32, end: TaskEnd) -> Outcome {
+        ledger
+            .finish(key(n), end)
+            .expect("ours")
+            .outcome
+            .expect("has an outcome")
+    }
+
+    fn interrupted(reason: &str) -> Outcome {
+        Outcome::Interrupted(proto::Interrupted {
+            reason: reason.into(),
+        })
     }
 
     fn lease(n: u32) -> proto::LeaseRef {
@@ -322,6 +575,172 @@ mod tests {
                 error: "handler panicked: oops".into(),
                 permanent: false
             }))
+        );
+    }
+
+    #[test]
+    fn cancel_notice_decides_every_end_but_success() {
+        let mut ledger = Ledger::default();
+        for n in 1..=4 {
+            ledger.start(key(n), task());
+            let r = ledger.notify(
+                &key(n),
+                NoticeKind::Cancel,
+                "no longer needed",
+                Some(t(300)),
+                t(0),
+            );
+            assert_eq!(r, NoticeResult::Given);
+        }
+        let cancelled = Outcome::Cancelled(proto::Cancelled {
+            reason: "no longer needed".into(),
+        });
+        assert_eq!(
+            ended(&mut ledger, 1, TaskEnd::Returned(Ok(b"done".to_vec()))),
+            Outcome::Success(proto::Success {
+                result: b"done".to_vec()
+            })
+        );
+        let failed = TaskEnd::Returned(Err(TaskError::permanent("x")));
+        assert_eq!(ended(&mut ledger, 2, failed), cancelled);
+        let stopped = TaskEnd::Returned(Err(TaskError::stopped("signal")));
+        assert_eq!(ended(&mut ledger, 3, stopped), cancelled);
+        assert_eq!(ended(&mut ledger, 4, TaskEnd::Aborted), cancelled);
+        // A notice for an ended task or a stranger is ignored.
+        let r = ledger.notify(&key(1), NoticeKind::Cancel, "again", None, t(0));
+        assert_eq!(r, NoticeResult::Ended);
+        let r = ledger.notify(&key(9), NoticeKind::Cancel, "who", None, t(0));
+        assert_eq!(r, NoticeResult::Unknown);
+    }
+
+    #[test]
+    fn shutdown_keeps_real_outcomes_but_interrupts_stopped_tasks() {
+        let mut ledger = Ledger::default();
+        for n in 1..=4 {
+            ledger.start(key(n), task());
+        }
+        let report = ledger.shutdown(
+            "deploy",
+            &[(key(1), Some(t(5000))), (key(7), Some(t(5000)))],
+            t(0),
+        );
+        assert_eq!(report.noticed, 4);
+        assert_eq!(report.unknown, vec![key(7)]);
+        let failed = TaskEnd::Returned(Err(TaskError::retryable("broke")));
+        assert_eq!(
+            ended(&mut ledger, 1, failed),
+            Outcome::Failure(proto::Failure {
+                error: "broke".into(),
+                permanent: false
+            })
+        );
+        let by_signal = TaskEnd::Returned(Err(TaskError::stopped("killed by signal 15")));
+        assert_eq!(ended(&mut ledger, 2, by_signal), interrupted("deploy"));
+        assert_eq!(
+            ended(&mut ledger, 3, TaskEnd::Aborted),
+            interrupted("deploy")
+        );
+        assert!(matches!(
+            ended(&mut ledger, 4, TaskEnd::Returned(Ok(vec![]))),
+            Outcome::Success(_)
+        ));
+    }
+
+    #[test]
+    fn stopped_without_a_notice_is_a_plain_failure() {
+        let mut ledger = Ledger::default();
+        ledger.start(key(1), task());
+        assert!(matches!(
+            ended(
+                &mut ledger,
+                1,
+                TaskEnd::Returned(Err(TaskError::stopped("x")))
+            ),
+            Outcome::Failure(proto::Failure {
+                permanent: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_earliest_stop_by_wins_and_kills_once() {
+        let mut ledger = Ledger::default();
+        let t1 = task();
+        let notices = t1.notices.clone();
+        let token = t1.abort.clone();
+        ledger.start(key(1), t1);
+        ledger.start(key(2), task());
+        assert_eq!(ledger.next_deadline(), None);
+
+        // Unlisted: now + grace. Then a later shutdown names an earlier time
+        // for key 1, and one even later (ignored).
+        ledger.shutdown("worker draining", &[], t(0));
+        assert_eq!(ledger.next_deadline(), Some(t(300)));
+        ledger.shutdown("deploy", &[(key(1), Some(t(100)))], t(50));
+        ledger.shutdown("deploy", &[(key(1), Some(t(900)))], t(60));
+        assert_eq!(notices.get().map(|n| n.stop_by), Some(t(100)));
+        assert_eq!(ledger.next_deadline(), Some(t(100)));
+
+        assert!(ledger.expire(t(99)).kill.is_empty());
+        let expired = ledger.expire(t(100));
+        assert_eq!(expired.kill.len(), 1);
+        assert_eq!(expired.kill[0].0, key(1));
+        expired.kill[0].1.cancel();
+        assert!(token.is_cancelled());
+        // Killed once: the next deadline is the other task's.
+        assert_eq!(ledger.next_deadline(), Some(t(300)));
+        assert!(ledger.expire(t(200)).kill.is_empty());
+        // The first shutdown's reason is the one reported.
+        assert_eq!(
+            ended(&mut ledger, 1, TaskEnd::Aborted),
+            interrupted("worker draining")
+        );
+    }
+
+    #[test]
+    fn timeout_notices_then_kills_and_fails_whatever_happens() {
+        let mut ledger = Ledger::default();
+        let timeout = Timeout {
+            at: t(2000),
+            after: Duration::from_secs(2),
+        };
+        for n in 1..=3 {
+            ledger.start(key(n), task_with(GRACE, Some(timeout)));
+        }
+        // Ended before the deadline: the real outcome.
+        assert!(matches!(
+            ended(&mut ledger, 3, TaskEnd::Returned(Ok(vec![]))),
+            Outcome::Success(_)
+        ));
+        assert_eq!(ledger.next_deadline(), Some(t(2000)));
+        let expired = ledger.expire(t(2000));
+        assert_eq!(expired.timed_out, vec![key(1), key(2)]);
+        assert!(expired.kill.is_empty());
+        assert_eq!(ledger.next_deadline(), Some(t(2300)));
+        let expired = ledger.expire(t(2300));
+        assert_eq!(expired.kill.len(), 2);
+        let timed_out = Outcome::Failure(proto::Failure {
+            error: "timed out after 2s".into(),
+            permanent: false,
+        });
+        // Even a success after the notice, and an abort at the kill time.
+        assert_eq!(
+            ended(&mut ledger, 1, TaskEnd::Returned(Ok(vec![]))),
+            timed_out
+        );
+        assert_eq!(ended(&mut ledger, 2, TaskEnd::Aborted), timed_out);
+    }
+
+    #[test]
+    fn stop_now_reason_wins_over_the_shutdown_reason() {
+        let mut ledger = Ledger::default();
+        ledger.start(key(1), task());
+        ledger.shutdown("worker draining", &[], t(0));
+        ledger.stop_all("worker stopped");
+        assert_eq!(
+            ended(&mut ledger, 1, TaskEnd::Aborted),
+            interrupted("worker stopped")
         );
     }
 }

@@ -1,7 +1,8 @@
 //! `rota-worker`: runs each job kind as a command from its config file.
 //!
 //! A thin CLI over [`rota::worker`]: parse flags, init tracing, load the config,
-//! map SIGTERM/SIGINT to drain (first) and stop now (second), run.
+//! map SIGTERM/SIGINT to drain (first: each task gets its notice) and stop now
+//! (second), run; exit 0 after a clean drain, whoever started it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,8 +60,12 @@ async fn main() -> anyhow::Result<ExitCode> {
         signals.stop_now();
     });
 
+    // Returns once drained, whether the drain began with a signal here or
+    // with the coordinator's Shutdown (DrainWorker): a clean drain exits 0,
+    // so a process supervisor simply starts the worker again.
     let summary = worker.run_with(shutdown).await;
     if summary.is_clean() {
+        info!("drained, exiting");
         Ok(ExitCode::SUCCESS)
     } else {
         warn!(

@@ -17,7 +17,11 @@
 //!
 //! - [`Worker`] / [`WorkerBuilder`]: identity, queues, slots, labels, handlers.
 //! - [`Handler`], [`TaskContext`], [`TaskError`]: what a handler is, sees and returns.
-//! - [`ShutdownHandle`]: drain (take nothing new, finish what runs) and stop now.
+//! - [`Notice`], [`NoticeKind`]: a task is told to stop (cancelled, worker
+//!   shutting down, timed out) by a stop-by time, through
+//!   [`TaskContext::notice`]; what still runs at that time is aborted.
+//! - [`ShutdownHandle`]: drain (take nothing new, give running tasks their
+//!   notice) and stop now.
 //! - [`CommandHandler`]: runs a program per job; [`WorkerConfig`] builds a
 //!   worker of command handlers from the `rota-worker` config file.
 //!
@@ -40,9 +44,9 @@ mod session;
 mod task;
 
 pub use backoff::Backoff;
-pub use command::{CommandError, CommandHandler, DEFAULT_MAX_OUTPUT, STDERR_TAIL};
+pub use command::{CommandError, CommandHandler, StopSignal, DEFAULT_MAX_OUTPUT, STDERR_TAIL};
 pub use config::{ByteSize, ConfigError, KindConfig, WorkerConfig};
-pub use task::{Handler, TaskContext, TaskError};
+pub use task::{Handler, Notice, NoticeKind, TaskContext, TaskError};
 
 /// How long a drain waits for acks once its last task ended (default).
 pub const DEFAULT_DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,6 +89,9 @@ pub(crate) struct Settings {
     pub(crate) labels: HashMap<String, String>,
     /// How long a drain waits for acks once its last task ended.
     pub(crate) drain_ack_timeout: Duration,
+    /// The longest shutdown grace this worker can honour, sent in `Hello`;
+    /// `None`: no limit.
+    pub(crate) max_shutdown_grace: Option<Duration>,
 }
 
 /// Configures a [`Worker`]; see [`Worker::builder`].
@@ -97,6 +104,7 @@ pub struct WorkerBuilder {
     labels: HashMap<String, String>,
     handlers: Handlers,
     drain_ack_timeout: Duration,
+    max_shutdown_grace: Option<Duration>,
 }
 
 impl WorkerBuilder {
@@ -142,6 +150,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// The longest shutdown grace this worker can honour (default: no limit).
+    /// Sent in `Hello`: the coordinator leases it no job whose
+    /// `shutdown_grace` is longer, so a process supervisor that waits this
+    /// long between SIGTERM and SIGKILL always lets a drain finish.
+    pub fn max_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.max_shutdown_grace = Some(grace);
+        self
+    }
+
     /// Checks the settings and builds the worker. Nothing connects yet.
     pub fn build(self) -> Result<Worker, BuildError> {
         let endpoint = Endpoint::from_shared(self.url.clone())
@@ -180,6 +197,7 @@ impl WorkerBuilder {
                 slots,
                 labels: self.labels,
                 drain_ack_timeout: self.drain_ack_timeout,
+                max_shutdown_grace: self.max_shutdown_grace,
             }),
             handlers: Arc::new(self.handlers),
         })
@@ -213,6 +231,7 @@ impl Worker {
             labels: HashMap::new(),
             handlers: BTreeMap::new(),
             drain_ack_timeout: DEFAULT_DRAIN_ACK_TIMEOUT,
+            max_shutdown_grace: None,
         }
     }
 
@@ -226,9 +245,10 @@ impl Worker {
         self.handlers.keys().map(String::as_str)
     }
 
-    /// Runs until `shutdown` resolves, then drains: takes nothing new, lets
-    /// running tasks finish and waits for their results to be acknowledged.
-    /// For a second, harder stop use [`Worker::run_with`].
+    /// Runs until `shutdown` resolves, then drains: takes nothing new, gives
+    /// each running task a shutdown notice (stop by now + its grace), aborts
+    /// what still runs at that time, and waits for the results to be
+    /// acknowledged. For a second, harder stop use [`Worker::run_with`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> RunSummary {
         let handle = ShutdownHandle::new();
         let trigger = handle.clone();
@@ -245,7 +265,9 @@ impl Worker {
 
     /// Runs until `shutdown` says to drain (then returns once drained) or to
     /// stop now (then aborts every task, reports them interrupted and returns
-    /// within a few seconds).
+    /// within a few seconds). A `Shutdown` from the coordinator (it answers our
+    /// drain, or an operator called `DrainWorker`) drains too, and this
+    /// returns once drained.
     pub async fn run_with(self, shutdown: ShutdownHandle) -> RunSummary {
         session::Driver::new(self.settings, self.handlers)
             .run(shutdown)
@@ -269,7 +291,8 @@ impl ShutdownHandle {
         Self::default()
     }
 
-    /// Starts a graceful drain.
+    /// Starts a graceful drain: take nothing new, give each running task a
+    /// shutdown notice (stop by now + its grace), abort what still runs then.
     pub fn drain(&self) {
         self.drain.cancel();
     }
@@ -403,6 +426,23 @@ mod tests {
             Worker::builder("not a url").handler("k", ok).build(),
             Err(BuildError::InvalidUrl { .. })
         ));
+    }
+
+    #[test]
+    fn max_shutdown_grace_is_optional() {
+        let base = || Worker::builder("http://127.0.0.1:1").handler("k", ok);
+        assert_eq!(
+            base().build().expect("valid").settings.max_shutdown_grace,
+            None
+        );
+        let worker = base()
+            .max_shutdown_grace(Duration::from_secs(30))
+            .build()
+            .expect("valid");
+        assert_eq!(
+            worker.settings.max_shutdown_grace,
+            Some(Duration::from_secs(30))
+        );
     }
 
     #[test]

@@ -2,11 +2,16 @@
 //! coordinator, runs assigned tasks, and reports their outcomes.
 //!
 //! The loop owns all state, so nothing is locked: each turn waits for one
-//! [`Step`] (a shutdown signal, a task's end, the give-up deadline, or an event
-//! of the link) and applies it. The link is a small state machine — down
+//! [`Step`] (a shutdown signal, a task's end, a task's deadline, the give-up
+//! deadline, or an event of the link) and applies it. The link is a small state machine — down
 //! (waiting out the backoff), connecting (Hello sent, waiting for Welcome), up —
 //! and losing it only sends the loop back to "down": tasks keep running, and
 //! their results wait in the [`Ledger`] until a later Welcome resumes them.
+//!
+//! Notices: a `Cancel`, a `Shutdown`, a drain started here (first signal) and a
+//! task's timeout each give tasks a notice with a stop-by time; the ledger keeps
+//! the earliest per task and the loop sleeps until the next one, then aborts
+//! what still runs. A `Shutdown` also puts the worker into its drain.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -21,8 +26,11 @@ use tonic::Streaming;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
-use super::ledger::{AckResult, LeaseKey, Ledger, RunningTask, TaskEnd};
-use super::task::{std_duration, system_time, Handler, ProgressSlot, TaskContext};
+use super::ledger::{AckResult, LeaseKey, Ledger, NoticeResult, RunningTask, TaskEnd, Timeout};
+use super::task::{
+    instant_at, std_duration, system_time, Handler, NoticeKind, NoticeSlot, ProgressSlot,
+    TaskContext,
+};
 use super::{error_chain, Handlers, RunSummary, Settings, ShutdownHandle};
 use crate::proto::{
     self, complete::Outcome, coordinator_message, worker_message,
@@ -45,8 +53,12 @@ const STOP_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 const DRAIN_QUIET: Duration = Duration::from_millis(500);
 /// The `Interrupted.reason` of tasks aborted by a stop-now.
 const STOP_REASON: &str = "worker stopped";
-/// The `Interrupted.reason` of assigns refused while draining.
+/// The `Interrupted.reason` of assigns refused while draining, and of tasks
+/// killed by a drain the coordinator gave no reason for.
 const DRAIN_REASON: &str = "worker draining";
+/// A task's shutdown grace when its `Assign` gives none (the coordinator
+/// always does; this matches its default).
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Why a session could not be opened or was lost. Logged, then retried.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +150,8 @@ enum Step {
     Drain,
     Stop,
     Task(TaskEvent),
+    /// A task's timeout or kill time came.
+    Deadline,
     /// The phase's deadline passed.
     Timer,
     Retry,
@@ -222,11 +236,13 @@ impl Driver {
         let draining = self.phase != Phase::Running;
         let stopping = matches!(self.phase, Phase::Stopping { .. });
         let deadline = self.phase.deadline();
+        let task_deadline = self.ledger.next_deadline().map(instant_at);
         tokio::select! {
             biased;
             () = shutdown.stop_token().cancelled(), if !stopping => Step::Stop,
             () = shutdown.drain_token().cancelled(), if !draining => Step::Drain,
             Some(event) = self.events_rx.recv() => Step::Task(event),
+            () = sleep_until_some(task_deadline) => Step::Deadline,
             () = sleep_until_some(deadline) => Step::Timer,
             step = self.link.next() => step,
         }
@@ -237,6 +253,7 @@ impl Driver {
             Step::Drain => self.begin_drain().await,
             Step::Stop => self.begin_stop().await,
             Step::Task(event) => self.on_task_end(event).await,
+            Step::Deadline => self.on_deadline(),
             Step::Timer => {
                 if let Some(summary) = self.on_timer() {
                     return Some(summary);
@@ -330,7 +347,10 @@ impl Driver {
             slots: self.settings.slots,
             labels: self.settings.labels.clone(),
             held: self.ledger.held(),
-            max_shutdown_grace: None,
+            max_shutdown_grace: self
+                .settings
+                .max_shutdown_grace
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
         });
         debug!(endpoint = %endpoint.uri(), "connecting");
         Box::pin(async move {
@@ -439,8 +459,8 @@ impl Driver {
         match msg.msg {
             Some(coordinator_message::Msg::Assign(assign)) => self.on_assign(assign).await,
             Some(coordinator_message::Msg::CompleteAck(ack)) => self.on_ack(&ack),
-            Some(coordinator_message::Msg::Cancel(cancel)) => on_cancel(&cancel),
-            Some(coordinator_message::Msg::Shutdown(shutdown)) => on_shutdown(&shutdown),
+            Some(coordinator_message::Msg::Cancel(cancel)) => self.on_cancel(&cancel),
+            Some(coordinator_message::Msg::Shutdown(shutdown)) => self.on_shutdown(shutdown),
             Some(coordinator_message::Msg::Welcome(welcome)) => {
                 warn!(session = %welcome.session_id, "unexpected welcome mid-session, ignored");
             }
@@ -484,12 +504,112 @@ impl Driver {
         );
         let deadline: Option<SystemTime> = assign.deadline.as_ref().and_then(system_time);
         let grace = assign.shutdown_grace.as_ref().and_then(std_duration);
+        let timeout = deadline.map(|at| Timeout {
+            at,
+            after: job
+                .timeout
+                .as_ref()
+                .and_then(std_duration)
+                .unwrap_or_else(|| whole_millis(at.duration_since(SystemTime::now()))),
+        });
+        // The grace the worker itself applies (drain, timeout); capped by
+        // what it can honour, which a conforming coordinator never exceeds.
+        let own_grace = grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let own_grace = self
+            .settings
+            .max_shutdown_grace
+            .map_or(own_grace, |max| own_grace.min(max));
         let abort = CancellationToken::new();
         let progress = ProgressSlot::default();
-        let ctx = TaskContext::new(job, assign.lease_id, deadline, grace, progress.clone());
-        self.ledger
-            .start(key.clone(), RunningTask::new(abort.clone(), progress));
+        let notices = NoticeSlot::default();
+        let ctx = TaskContext::new(
+            job,
+            assign.lease_id,
+            deadline,
+            grace,
+            progress.clone(),
+            notices.clone(),
+        );
+        let task = RunningTask::new(abort.clone(), progress, notices, own_grace, timeout);
+        self.ledger.start(key.clone(), task);
         tokio::spawn(supervise(key, handler, ctx, abort, self.events_tx.clone()));
+    }
+
+    /// A cancel notice: tell the task; it is killed at `stop_by` if it still runs.
+    fn on_cancel(&mut self, cancel: &proto::Cancel) {
+        let key = LeaseKey::new(cancel.job_id.clone(), cancel.lease_id.clone());
+        let stop_by = cancel.stop_by.as_ref().and_then(system_time);
+        let reason = if cancel.reason.is_empty() {
+            "job cancelled"
+        } else {
+            &cancel.reason
+        };
+        let now = SystemTime::now();
+        match self
+            .ledger
+            .notify(&key, NoticeKind::Cancel, reason, stop_by, now)
+        {
+            NoticeResult::Given => info!(
+                job = %key.job_id,
+                lease = %key.lease_id,
+                reason = %reason,
+                stop_by = ?stop_by.map(humantime::format_rfc3339_millis),
+                "cancel notice given to the task"
+            ),
+            NoticeResult::Ended => debug!(
+                job = %key.job_id,
+                lease = %key.lease_id,
+                "cancel notice for a task that already ended, ignored"
+            ),
+            NoticeResult::Unknown => warn!(
+                job = %key.job_id,
+                lease = %key.lease_id,
+                "cancel notice for an unknown lease, ignored"
+            ),
+        }
+    }
+
+    /// A shutdown notice: drain (if not already), and tell every running task
+    /// to stop by its listed time, or now + its grace if not listed.
+    fn on_shutdown(&mut self, shutdown: proto::Shutdown) {
+        let reason = if shutdown.reason.is_empty() {
+            DRAIN_REASON.to_owned()
+        } else {
+            shutdown.reason
+        };
+        if self.phase == Phase::Running {
+            info!(reason = %reason, "shutdown notice from the coordinator, draining");
+            self.phase = Phase::Draining {
+                ack_deadline: None,
+                quiet_until: None,
+            };
+        }
+        let listed: Vec<(LeaseKey, Option<SystemTime>)> = shutdown
+            .tasks
+            .iter()
+            .map(|t| {
+                let key = LeaseKey::new(t.job_id.clone(), t.lease_id.clone());
+                (key, t.stop_by.as_ref().and_then(system_time))
+            })
+            .collect();
+        let report = self.ledger.shutdown(&reason, &listed, SystemTime::now());
+        for key in report.unknown {
+            warn!(job = %key.job_id, lease = %key.lease_id, "shutdown notice for an unknown lease, ignored");
+        }
+        info!(reason = %reason, noticed = report.noticed, "shutdown notice given to running tasks");
+    }
+
+    /// A task's timeout or kill time came: give timeout notices, abort what
+    /// still runs at its stop-by time.
+    fn on_deadline(&mut self) {
+        let expired = self.ledger.expire(SystemTime::now());
+        for key in expired.timed_out {
+            info!(job = %key.job_id, lease = %key.lease_id, "task timed out, notice given");
+        }
+        for (key, abort) in expired.kill {
+            warn!(job = %key.job_id, lease = %key.lease_id, "task still running at its stop-by time, killing it");
+            abort.cancel();
+        }
     }
 
     fn on_ack(&mut self, ack: &proto::CompleteAck) {
@@ -537,6 +657,15 @@ impl Driver {
             ack_deadline: None,
             quiet_until: None,
         };
+        // Notices start here, so they work with the coordinator unreachable;
+        // its Shutdown may still move a task's stop-by earlier.
+        let report = self.ledger.shutdown(DRAIN_REASON, &[], SystemTime::now());
+        if report.noticed > 0 {
+            info!(
+                noticed = report.noticed,
+                "running tasks told to stop within their grace"
+            );
+        }
         self.send(worker_message::Msg::Draining(proto::Draining {}))
             .await;
     }
@@ -559,26 +688,6 @@ impl Driver {
                 .await;
         }
     }
-}
-
-/// A cancel notice. Per-task notices (telling the handler through its context,
-/// then killing it at `stop_by`) are a later issue; this is where they go.
-fn on_cancel(cancel: &proto::Cancel) {
-    info!(
-        job = %cancel.job_id,
-        lease = %cancel.lease_id,
-        reason = %cancel.reason,
-        "cancel notice received, not acted on yet"
-    );
-}
-
-/// A shutdown notice; like [`on_cancel`], logged and otherwise not acted on yet.
-fn on_shutdown(shutdown: &proto::Shutdown) {
-    info!(
-        reason = %shutdown.reason,
-        tasks = shutdown.tasks.len(),
-        "shutdown notice received, not acted on yet"
-    );
 }
 
 /// Runs one handler in its own tokio task and reports how it ended. Cancelling
@@ -617,6 +726,13 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
             |s| (*s).to_owned(),
         ),
     }
+}
+
+/// `d` rounded down to whole milliseconds (zero if `Err`), for messages.
+fn whole_millis<E>(d: Result<Duration, E>) -> Duration {
+    d.map_or(Duration::ZERO, |d| {
+        Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {

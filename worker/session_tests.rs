@@ -2,8 +2,9 @@
 //! `WorkerServiceServer` on 127.0.0.1:0 that hands each incoming session to the
 //! test, which then plays the coordinator's side message by message.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
@@ -17,7 +18,9 @@ use crate::proto::{
     worker_service_server::{WorkerService, WorkerServiceServer},
     CoordinatorMessage, WorkerMessage,
 };
-use crate::worker::{RunSummary, ShutdownHandle, TaskContext, TaskError, Worker};
+use crate::worker::{
+    Notice, NoticeKind, RunSummary, ShutdownHandle, TaskContext, TaskError, Worker,
+};
 
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
@@ -101,6 +104,71 @@ impl FakeSession {
         .await;
     }
 
+    /// An assign with a shutdown grace and, if `timeout` is given, a deadline
+    /// of now + timeout; returns the deadline.
+    async fn assign_with(
+        &self,
+        job_id: &str,
+        kind: &str,
+        payload: &[u8],
+        grace: Duration,
+        timeout: Option<Duration>,
+    ) -> Option<SystemTime> {
+        let deadline = timeout.map(|t| SystemTime::now() + t);
+        self.send(coordinator_message::Msg::Assign(proto::Assign {
+            job: Some(proto::Job {
+                id: job_id.into(),
+                kind: kind.into(),
+                payload: payload.to_vec(),
+                attempt: 1,
+                timeout: timeout.map(|t| t.try_into().expect("small")),
+                shutdown_grace: Some(grace.try_into().expect("small")),
+                ..Default::default()
+            }),
+            lease_id: lease_of(job_id),
+            deadline: deadline.map(Into::into),
+            shutdown_grace: Some(grace.try_into().expect("small")),
+        }))
+        .await;
+        deadline
+    }
+
+    async fn cancel(&self, job_id: &str, reason: &str, stop_by: SystemTime) {
+        self.send(coordinator_message::Msg::Cancel(proto::Cancel {
+            job_id: job_id.into(),
+            lease_id: lease_of(job_id),
+            reason: reason.into(),
+            stop_by: Some(stop_by.into()),
+        }))
+        .await;
+    }
+
+    async fn shutdown(&self, reason: &str, tasks: &[(&str, SystemTime)]) {
+        self.send(coordinator_message::Msg::Shutdown(proto::Shutdown {
+            reason: reason.into(),
+            tasks: tasks
+                .iter()
+                .map(|(job_id, stop_by)| proto::TaskDeadline {
+                    job_id: (*job_id).into(),
+                    lease_id: lease_of(job_id),
+                    stop_by: Some((*stop_by).into()),
+                })
+                .collect(),
+        }))
+        .await;
+    }
+
+    /// The next `n` completions by job id, each acked.
+    async fn recv_completes(&mut self, n: usize) -> BTreeMap<String, Outcome> {
+        let mut got = BTreeMap::new();
+        for _ in 0..n {
+            let c = self.recv_complete().await;
+            self.ack(&c).await;
+            got.insert(c.job_id.clone(), outcome(&c).clone());
+        }
+        got
+    }
+
     async fn ack(&self, complete: &proto::Complete) {
         self.send(coordinator_message::Msg::CompleteAck(proto::CompleteAck {
             job_id: complete.job_id.clone(),
@@ -158,6 +226,8 @@ struct Harness {
     slow_ended: mpsc::UnboundedReceiver<()>,
     /// The job id of each `slow` task, once it runs.
     slow_started: mpsc::UnboundedReceiver<String>,
+    /// Each notice a `polite` task got, with its job id.
+    noticed: mpsc::UnboundedReceiver<(String, Notice)>,
 }
 
 impl Harness {
@@ -176,6 +246,22 @@ impl Harness {
                 .expect("task starts in time")
                 .expect("worker alive");
         }
+    }
+
+    /// The next notice a `polite` task got.
+    async fn noticed(&mut self) -> (String, Notice) {
+        tokio::time::timeout(WAIT, self.noticed.recv())
+            .await
+            .expect("notice in time")
+            .expect("worker alive")
+    }
+
+    /// Waits until the next `slow` task's future is gone (aborted or done).
+    async fn slow_ended(&mut self) {
+        tokio::time::timeout(WAIT, self.slow_ended.recv())
+            .await
+            .expect("slow task ends in time")
+            .expect("signal");
     }
 
     async fn summary(self) -> RunSummary {
@@ -199,7 +285,10 @@ impl Drop for EndSignal {
 
 /// Starts the fake coordinator and a worker with these kinds: `echo` (result =
 /// payload), `fail` (permanent failure), `panic`, `progress` (reports progress,
-/// then waits like `slow`), and `slow` (waits for a permit on `release`).
+/// then waits like `slow`), `slow` (waits for a permit on `release`, ignoring
+/// notices), and `polite` (waits for its notice, reports it on `noticed`, then
+/// ends as its payload says: `ok` succeeds, `err` fails, `stop` returns
+/// [`TaskError::stopped`]).
 async fn start() -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -236,6 +325,20 @@ async fn start() -> Harness {
             }
         }
     };
+    let (noticed_tx, noticed) = mpsc::unbounded_channel();
+    let polite = move |ctx: TaskContext| {
+        let noticed = noticed_tx.clone();
+        async move {
+            let notice = ctx.notice().await;
+            assert_eq!(ctx.notified(), Some(notice.clone()));
+            let _ = noticed.send((ctx.job().id.clone(), notice));
+            match ctx.job().payload.as_slice() {
+                b"ok" => Ok(b"stopped cleanly".to_vec()),
+                b"stop" => Err(TaskError::stopped("checkpointed")),
+                _ => Err(TaskError::retryable("gave up")),
+            }
+        }
+    };
     let progress = {
         let slow = slow.clone();
         move |ctx: TaskContext| {
@@ -260,9 +363,11 @@ async fn start() -> Harness {
             }
             Ok::<_, TaskError>(Vec::new())
         })
+        .handler("polite", polite)
         .handler("progress", progress)
         .handler("slow", slow)
         .drain_ack_timeout(Duration::from_millis(300))
+        .max_shutdown_grace(Duration::from_secs(30))
         .build()
         .expect("valid worker");
     let shutdown = ShutdownHandle::new();
@@ -275,6 +380,7 @@ async fn start() -> Harness {
         release,
         slow_ended,
         slow_started,
+        noticed,
     }
 }
 
@@ -288,7 +394,10 @@ async fn hello_assign_complete_ack_and_drain() {
     let mut s = h.next_session().await;
     let hello = s.recv_hello().await;
     assert_eq!(hello.worker_id, "w-1");
-    assert_eq!(hello.kinds, ["echo", "fail", "panic", "progress", "slow"]);
+    assert_eq!(
+        hello.kinds,
+        ["echo", "fail", "panic", "polite", "progress", "slow"]
+    );
     assert_eq!(hello.queues, ["default", "media"]);
     assert_eq!(hello.slots, 3);
     assert_eq!(hello.labels.get("zone").map(String::as_str), Some("a"));
@@ -565,4 +674,218 @@ async fn run_drains_when_the_future_resolves() {
         .expect("returns in time")
         .expect("no panic");
     assert!(summary.is_clean());
+}
+
+/// The grace given to tasks in the notice tests: short, but nothing below
+/// depends on how long anything takes within it.
+const GRACE: Duration = Duration::from_millis(300);
+
+fn cancelled(reason: &str) -> Outcome {
+    Outcome::Cancelled(proto::Cancelled {
+        reason: reason.into(),
+    })
+}
+
+fn interrupted(reason: &str) -> Outcome {
+    Outcome::Interrupted(proto::Interrupted {
+        reason: reason.into(),
+    })
+}
+
+fn success(result: &[u8]) -> Outcome {
+    Outcome::Success(proto::Success {
+        result: result.to_vec(),
+    })
+}
+
+fn failure(error: &str) -> Outcome {
+    Outcome::Failure(proto::Failure {
+        error: error.into(),
+        permanent: false,
+    })
+}
+
+/// Drains (if not already), waits for the worker to hang up, checks it was clean.
+async fn finish_cleanly(h: Harness, mut s: FakeSession, send_drain: bool) {
+    if send_drain {
+        h.shutdown.drain();
+        s.recv_draining().await;
+    }
+    assert_eq!(s.recv().await, None, "worker hangs up once drained");
+    let summary = h.summary().await;
+    assert!(summary.is_clean(), "{summary:?}");
+}
+
+#[tokio::test]
+async fn hello_carries_max_shutdown_grace() {
+    let mut h = start().await;
+    let mut s = h.next_session().await;
+    let hello = s.recv_hello().await;
+    assert_eq!(
+        hello.max_shutdown_grace,
+        Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0
+        })
+    );
+    s.welcome(vec![], vec![]).await;
+    // A round trip, so the session is up before the drain.
+    s.assign("j1", "echo", b"").await;
+    s.recv_completes(1).await;
+    finish_cleanly(h, s, true).await;
+}
+
+#[tokio::test]
+async fn cancel_notice_then_cancelled_or_real_success() {
+    let mut h = start().await;
+    let mut s = h.next_session().await;
+    s.recv_hello().await;
+    s.welcome(vec![], vec![]).await;
+
+    // An ignoring task is killed at stop_by and reported Cancelled.
+    s.assign_with("j1", "slow", b"", GRACE, None).await;
+    h.started(1).await;
+    s.cancel("stranger", "not ours", SystemTime::now()).await;
+    let stop_by = SystemTime::now() + GRACE;
+    s.cancel("j1", "no longer needed", stop_by).await;
+    let c = s.recv_complete().await;
+    assert!(SystemTime::now() >= stop_by, "not killed before stop_by");
+    assert_eq!(c.job_id, "j1");
+    assert_eq!(outcome(&c), &cancelled("no longer needed"));
+    s.ack(&c).await;
+    h.slow_ended().await;
+
+    // A task that hears the notice: success stands, a failure is Cancelled.
+    s.assign_with("j2", "polite", b"ok", GRACE, None).await;
+    s.assign_with("j3", "polite", b"err", GRACE, None).await;
+    let stop_by = SystemTime::now() + Duration::from_secs(60);
+    s.cancel("j2", "changed my mind", stop_by).await;
+    s.cancel("j3", "changed my mind", stop_by).await;
+    for _ in 0..2 {
+        let (_, notice) = h.noticed().await;
+        assert_eq!(
+            notice,
+            Notice {
+                kind: NoticeKind::Cancel,
+                reason: "changed my mind".into(),
+                stop_by
+            }
+        );
+    }
+    let got = s.recv_completes(2).await;
+    assert_eq!(got["j2"], success(b"stopped cleanly"));
+    assert_eq!(got["j3"], cancelled("changed my mind"));
+    finish_cleanly(h, s, true).await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_tasks_end_in_time_with_their_real_outcome() {
+    let mut h = start().await;
+    let mut s = h.next_session().await;
+    s.recv_hello().await;
+    s.welcome(vec![], vec![]).await;
+    s.assign_with("j1", "polite", b"ok", GRACE, None).await;
+    s.assign_with("j2", "polite", b"err", GRACE, None).await;
+    let listed = SystemTime::now() + Duration::from_secs(60);
+    let before = SystemTime::now();
+    // j2 is not listed: it gets now + its grace.
+    s.shutdown("deploy", &[("j1", listed)]).await;
+    let mut notices = BTreeMap::new();
+    for _ in 0..2 {
+        let (job, notice) = h.noticed().await;
+        assert_eq!(notice.kind, NoticeKind::Shutdown);
+        assert_eq!(notice.reason, "deploy");
+        notices.insert(job, notice.stop_by);
+    }
+    assert_eq!(notices["j1"], listed);
+    assert!(notices["j2"] >= before + GRACE && notices["j2"] <= SystemTime::now() + GRACE);
+
+    // Draining now: new work is refused.
+    s.assign("j3", "echo", b"").await;
+    let got = s.recv_completes(3).await;
+    assert_eq!(got["j1"], success(b"stopped cleanly"));
+    assert_eq!(got["j2"], failure("gave up"));
+    assert_eq!(got["j3"], interrupted("worker draining"));
+    // The coordinator started the drain: the worker still exits once drained.
+    finish_cleanly(h, s, false).await;
+}
+
+#[tokio::test]
+async fn shutdown_kills_an_ignoring_task_at_stop_by_as_interrupted() {
+    let mut h = start().await;
+    let mut s = h.next_session().await;
+    s.recv_hello().await;
+    s.welcome(vec![], vec![]).await;
+    s.assign_with("j1", "slow", b"", GRACE, None).await;
+    s.assign_with("j2", "polite", b"stop", GRACE, None).await;
+    h.started(1).await;
+    let stop_by = SystemTime::now() + GRACE;
+    s.shutdown("deploy", &[("j1", stop_by), ("j2", stop_by)])
+        .await;
+    h.noticed().await;
+    let got = s.recv_completes(2).await;
+    assert!(SystemTime::now() >= stop_by, "not killed before stop_by");
+    assert_eq!(got["j1"], interrupted("deploy"));
+    // A task that stops because of its notice is interrupted, not failed.
+    assert_eq!(got["j2"], interrupted("deploy"));
+    h.slow_ended().await;
+    finish_cleanly(h, s, false).await;
+}
+
+#[tokio::test]
+async fn first_signal_gives_notices_itself_and_aborts_ignoring_tasks() {
+    let mut h = start().await;
+    let mut s = h.next_session().await;
+    s.recv_hello().await;
+    s.welcome(vec![], vec![]).await;
+    s.assign_with("j1", "slow", b"", GRACE, None).await;
+    s.assign_with("j2", "polite", b"ok", GRACE, None).await;
+    h.started(1).await;
+    let before = SystemTime::now();
+    // The coordinator never answers with Shutdown here.
+    h.shutdown.drain();
+    s.recv_draining().await;
+    let (job, notice) = h.noticed().await;
+    assert_eq!(job, "j2");
+    assert_eq!(notice.kind, NoticeKind::Shutdown);
+    assert_eq!(notice.reason, "worker draining");
+    assert!(notice.stop_by >= before + GRACE);
+    let got = s.recv_completes(2).await;
+    assert!(SystemTime::now() >= before + GRACE, "not killed early");
+    assert_eq!(got["j2"], success(b"stopped cleanly"));
+    assert_eq!(got["j1"], interrupted("worker draining"));
+    h.slow_ended().await;
+    finish_cleanly(h, s, false).await;
+}
+
+#[tokio::test]
+async fn timeout_notice_then_timed_out_failure() {
+    let mut h = start().await;
+    let mut s = h.next_session().await;
+    s.recv_hello().await;
+    s.welcome(vec![], vec![]).await;
+    let timeout = Some(Duration::from_millis(200));
+    s.assign_with("j1", "slow", b"", GRACE, timeout).await;
+    let deadline = s.assign_with("j2", "polite", b"ok", GRACE, timeout).await;
+    let deadline = deadline.expect("has a deadline");
+    let (job, notice) = h.noticed().await;
+    assert_eq!(job, "j2");
+    assert!(
+        SystemTime::now() >= deadline,
+        "no notice before the deadline"
+    );
+    assert_eq!(
+        notice,
+        Notice {
+            kind: NoticeKind::Timeout,
+            reason: "timed out after 200ms".into(),
+            stop_by: deadline + GRACE
+        }
+    );
+    // Whether it then succeeds (j2) or is killed at deadline + grace (j1).
+    let got = s.recv_completes(2).await;
+    assert_eq!(got["j1"], failure("timed out after 200ms"));
+    assert_eq!(got["j2"], failure("timed out after 200ms"));
+    h.slow_ended().await;
+    finish_cleanly(h, s, true).await;
 }
