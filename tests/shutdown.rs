@@ -324,3 +324,41 @@ async fn a_coordinator_sigterm_while_jobs_run_finishes_each_job_once() {
     let ran = events(&dir.path().join("ran"));
     assert_eq!(ran.len(), 3, "each command started exactly once: {ran:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_every_task_at_once() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path().display();
+    let coord = Coordinator::start(dir.path(), &[]);
+    let url = coord.url();
+    let stubborn = format!("trap '' TERM; echo $$ > {d}/pid; exec sleep 300");
+    let mut worker = Worker::start(
+        &url,
+        &worker_config("w1", &["default"], 1, &[("stubborn", &stubborn)]),
+        dir.path(),
+    );
+    wait_worker_connected(&url, "w1").await;
+    let client = job_client(&url).await;
+    let id = submit_id(&client, graced("stubborn", Duration::from_secs(600))).await;
+    wait_running(&client, &id).await;
+    let pid = read_pid(&dir.path().join("pid")).await;
+    worker.signal(libc::SIGINT);
+    wait_for(BOUND, "the drain began", || async {
+        list_workers(&admin_client(&url).await)
+            .await
+            .iter()
+            .any(|w| w.worker_id == "w1" && w.draining)
+    })
+    .await;
+    assert!(alive(pid), "the first signal only gives notice");
+    worker.signal(libc::SIGINT);
+    let status = worker.wait_exit(BOUND);
+    assert!(
+        !status.success(),
+        "a stop-now is not a clean drain: {status:?}"
+    );
+    assert!(!alive(pid), "killed at once, not after its 600s grace");
+    let requeued = get_job(&client, &id).await;
+    assert_eq!((requeued.state(), requeued.attempt), (JobState::Queued, 0));
+    assert_eq!(requeued.attempts[0].outcome, "interrupted");
+}
