@@ -1,0 +1,97 @@
+//! `rota-bench`: Rota's benchmark harness. Each subcommand starts a real
+//! coordinator on a fresh data directory and real worker processes, drives
+//! them over loopback, and prints one `name: value unit` line per figure on
+//! stdout (nothing else). Build with `cargo build --release`.
+
+mod harness;
+mod workloads;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Rota's benchmarks.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Durable submit throughput: SubmitJob with 64 in flight, SubmitJobs of 100 and 1,000.
+    Submit {
+        /// Jobs per figure.
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+    },
+    /// No-op jobs from first submit to last completion, 4 workers x 16 slots (SDK, then the command runner with `true`).
+    E2e {
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        /// Skip the command-runner run.
+        #[arg(long)]
+        sdk_only: bool,
+    },
+    /// Open-loop loads of 200 and 2,000 jobs/s: submit->start and submit->complete percentiles.
+    Latency {
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Dispatch rate with 1,000 and 1,000,000 jobs queued; RSS, data size and restart time at 1,000,000.
+    Depth {
+        #[arg(long, default_value_t = 1_000_000)]
+        deep: usize,
+    },
+    /// 10,000 interval schedules every second: fire lateness; PreviewSchedule of 1,000 cron times.
+    Schedules {
+        #[arg(long, default_value_t = 10_000)]
+        schedules: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Rota's e2e, then the huey and celery peers (bench/peers/run.sh), and the ratios.
+    Compare {
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+    },
+    /// (internal) A no-op SDK worker process.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        slots: u32,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+/// Prints one figure.
+pub fn figure(name: &str, value: f64, unit: &str) {
+    if value >= 100.0 {
+        println!("{name}: {value:.0} {unit}");
+    } else {
+        println!("{name}: {value:.3} {unit}");
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Submit { jobs } => workloads::submit(jobs).await,
+        Cmd::E2e { jobs, sdk_only } => workloads::e2e(jobs, sdk_only).await.map(|_| ()),
+        Cmd::Latency { seconds } => workloads::latency(seconds).await,
+        Cmd::Depth { deep } => workloads::depth(deep).await,
+        Cmd::Schedules { schedules, seconds } => workloads::schedules(schedules, seconds).await,
+        Cmd::Compare { jobs } => workloads::compare(jobs).await,
+        Cmd::Worker { coordinator, slots, id } => workloads::noop_worker(coordinator, slots, id).await,
+    }
+}
