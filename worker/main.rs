@@ -30,6 +30,11 @@ struct Cli {
     config: PathBuf,
 }
 
+/// mimalloc: faster than the system allocator for the many small, short-lived
+/// allocations of message handling (and it speeds sled up).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
