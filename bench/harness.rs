@@ -21,7 +21,10 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.with_file_name(name);
     if !path.exists() {
-        bail!("{} not found next to rota-bench; build with `cargo build --release`", path.display());
+        bail!(
+            "{} not found next to rota-bench; build with `cargo build --release`",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -137,7 +140,14 @@ impl Workers {
         for i in 0..n {
             children.push(
                 Command::new(&me)
-                    .args(["worker", "--coordinator", url, "--slots", &slots.to_string(), "--id"])
+                    .args([
+                        "worker",
+                        "--coordinator",
+                        url,
+                        "--slots",
+                        &slots.to_string(),
+                        "--id",
+                    ])
                     .arg(format!("sdk-{i}"))
                     .env("RUST_LOG", "warn")
                     .stdin(Stdio::null())
@@ -175,7 +185,11 @@ impl Workers {
         let mut admin = AdminServiceClient::new(channel(url).await?);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let workers = admin.list_workers(ListWorkersRequest {}).await?.into_inner().workers;
+            let workers = admin
+                .list_workers(ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers;
             if workers.iter().filter(|w| w.connect_time.is_some()).count() >= n {
                 return Ok(());
             }
@@ -198,7 +212,10 @@ impl Drop for Workers {
 
 /// A channel to the coordinator.
 pub async fn channel(url: &str) -> Result<Channel> {
-    Ok(Channel::from_shared(url.to_string())?.tcp_nodelay(true).connect().await?)
+    Ok(Channel::from_shared(url.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
 }
 
 /// A job client with large message limits.

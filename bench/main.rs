@@ -97,6 +97,10 @@ async fn main() -> Result<()> {
         Cmd::Depth { deep } => workloads::depth(deep).await,
         Cmd::Schedules { schedules, seconds } => workloads::schedules(schedules, seconds).await,
         Cmd::Compare { jobs } => workloads::compare(jobs).await,
-        Cmd::Worker { coordinator, slots, id } => workloads::noop_worker(coordinator, slots, id).await,
+        Cmd::Worker {
+            coordinator,
+            slots,
+            id,
+        } => workloads::noop_worker(coordinator, slots, id).await,
     }
 }

@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use rota::proto::admin_service_client::AdminServiceClient;
 use rota::proto::schedule_service_client::ScheduleServiceClient;
 use rota::proto::{
-    schedule_spec, CronSpec, GetQueueStatsRequest, IntervalSpec, Job, ListJobsRequest, OverlapPolicy,
-    PreviewScheduleRequest, PutScheduleRequest, Schedule, ScheduleSpec, SubmitJobRequest, SubmitJobsRequest,
+    schedule_spec, CronSpec, GetQueueStatsRequest, IntervalSpec, Job, ListJobsRequest,
+    OverlapPolicy, PreviewScheduleRequest, PutScheduleRequest, Schedule, ScheduleSpec,
+    SubmitJobRequest, SubmitJobsRequest,
 };
 use rota::worker::{TaskContext, TaskError, Worker};
 
@@ -55,7 +56,11 @@ pub async fn noop_worker(url: String, slots: u32, id: String) -> Result<()> {
         })
         .build()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    worker.run(async move { term.recv().await; }).await;
+    worker
+        .run(async move {
+            term.recv().await;
+        })
+        .await;
     Ok(())
 }
 
@@ -83,12 +88,19 @@ async fn submit_batched(url: &str, n: usize, batch: usize) -> Result<()> {
     Ok(())
 }
 
-async fn stats(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> Result<rota::proto::QueueStat> {
+async fn stats(
+    admin: &mut AdminServiceClient<tonic::transport::Channel>,
+) -> Result<rota::proto::QueueStat> {
     let s = admin
-        .get_queue_stats(GetQueueStatsRequest { queue: "default".into() })
+        .get_queue_stats(GetQueueStatsRequest {
+            queue: "default".into(),
+        })
         .await?
         .into_inner();
-    s.queues.into_iter().next().context("no stats for the default queue")
+    s.queues
+        .into_iter()
+        .next()
+        .context("no stats for the default queue")
 }
 
 /// Polls until `n` jobs succeeded.
@@ -121,7 +133,11 @@ pub async fn submit(n: usize) -> Result<()> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    figure("submit_single_64_in_flight", n as f64 / t.elapsed().as_secs_f64(), "jobs/s");
+    figure(
+        "submit_single_64_in_flight",
+        n as f64 / t.elapsed().as_secs_f64(),
+        "jobs/s",
+    );
     for batch in [100, 1000] {
         let t = Instant::now();
         submit_batched(&coord.url, n, batch).await?;
@@ -219,15 +235,24 @@ pub async fn latency(seconds: u64) -> Result<()> {
         let (mut start, mut complete) = (Vec::new(), Vec::new());
         for (id, at) in sent.lock().unwrap().iter() {
             let job = jobs.get(id).context("submitted job missing")?;
-            let started: u128 = String::from_utf8_lossy(&job.result).parse().context("worker start time")?;
+            let started: u128 = String::from_utf8_lossy(&job.result)
+                .parse()
+                .context("worker start time")?;
             start.push((started as f64 - nanos(*at) as f64) / 1e6);
             let end = time(&job.end_time).context("end_time")?;
             complete.push(end.duration_since(*at).unwrap_or_default().as_secs_f64() * 1e3);
         }
-        for (what, v) in [("submit_to_start", &mut start), ("submit_to_complete", &mut complete)] {
+        for (what, v) in [
+            ("submit_to_start", &mut start),
+            ("submit_to_complete", &mut complete),
+        ] {
             v.sort_by(|a, b| a.total_cmp(b));
             for (q, label) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
-                figure(&format!("latency_{rate}_per_s_{what}_{label}"), quantile(v, q), "ms");
+                figure(
+                    &format!("latency_{rate}_per_s_{what}_{label}"),
+                    quantile(v, q),
+                    "ms",
+                );
             }
         }
     }
@@ -271,15 +296,27 @@ pub async fn depth(deep: usize) -> Result<()> {
         drop(workers);
         figure(&format!("dispatch_rate_depth_{depth}"), rate, "jobs/s");
         if depth == deep {
-            figure(&format!("coordinator_peak_rss_depth_{depth}"), coord.peak_rss()?.max(rss) as f64 / (1 << 20) as f64, "MiB");
-            figure(&format!("data_dir_size_depth_{depth}"), size as f64 / (1 << 20) as f64, "MiB");
+            figure(
+                &format!("coordinator_peak_rss_depth_{depth}"),
+                coord.peak_rss()?.max(rss) as f64 / (1 << 20) as f64,
+                "MiB",
+            );
+            figure(
+                &format!("data_dir_size_depth_{depth}"),
+                size as f64 / (1 << 20) as f64,
+                "MiB",
+            );
             let (dir, listen) = (coord.data_dir.clone(), coord.listen().to_string());
             coord.stop()?;
             let t = Instant::now();
             let again = Coordinator::start(&dir, &listen)?;
             let mut admin = AdminServiceClient::new(channel(&again.url).await?);
             stats(&mut admin).await?;
-            figure(&format!("restart_to_serving_depth_{depth}"), t.elapsed().as_secs_f64(), "s");
+            figure(
+                &format!("restart_to_serving_depth_{depth}"),
+                t.elapsed().as_secs_f64(),
+                "s",
+            );
             again.stop()?;
         } else {
             coord.stop()?;
@@ -302,7 +339,10 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
                     job: Some(noop()),
                     spec: Some(ScheduleSpec {
                         kind: Some(schedule_spec::Kind::Interval(IntervalSpec {
-                            every: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+                            every: Some(prost_types::Duration {
+                                seconds: 1,
+                                nanos: 0,
+                            }),
                             ..Default::default()
                         })),
                     }),
@@ -310,7 +350,10 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
                     overlap: OverlapPolicy::Allow as i32,
                     ..Default::default()
                 };
-                c.put_schedule(PutScheduleRequest { schedule: Some(schedule) }).await?;
+                c.put_schedule(PutScheduleRequest {
+                    schedule: Some(schedule),
+                })
+                .await?;
             }
             Ok::<_, tonic::Status>(())
         });
@@ -325,7 +368,13 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
         .filter_map(|j| {
             let fire = humantime::parse_rfc3339(j.labels.get("rota.fire_time")?).ok()?;
             let created = time(&j.create_time)?;
-            Some(created.duration_since(fire).unwrap_or_default().as_secs_f64() * 1e3)
+            Some(
+                created
+                    .duration_since(fire)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1e3,
+            )
         })
         .collect();
     if late.is_empty() {
@@ -349,7 +398,9 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
         let t = Instant::now();
         let r = c
             .preview_schedule(PreviewScheduleRequest {
-                source: Some(rota::proto::preview_schedule_request::Source::Spec(spec.clone())),
+                source: Some(rota::proto::preview_schedule_request::Source::Spec(
+                    spec.clone(),
+                )),
                 after: None,
                 count: 1000,
             })
@@ -362,7 +413,8 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
     }
     rpc.sort_by(|a, b| a.total_cmp(b));
     figure("preview_1000_cron_times_rpc_p50", quantile(&rpc, 0.5), "us");
-    let cron = rota::coordinator::schedule::cron::CronSchedule::parse("*/5 * * * *", "Europe/Berlin")?;
+    let cron =
+        rota::coordinator::schedule::cron::CronSchedule::parse("*/5 * * * *", "Europe/Berlin")?;
     let mut compute = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
@@ -373,7 +425,11 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
         compute.push(t.elapsed().as_secs_f64() * 1e6);
     }
     compute.sort_by(|a, b| a.total_cmp(b));
-    figure("preview_1000_cron_times_compute_p50", quantile(&compute, 0.5), "us");
+    figure(
+        "preview_1000_cron_times_compute_p50",
+        quantile(&compute, 0.5),
+        "us",
+    );
     coord.stop()
 }
 
@@ -393,9 +449,18 @@ pub async fn compare(n: usize) -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
     for line in text.lines() {
-        let Some((name, rest)) = line.split_once(':') else { continue };
-        let Some(peer) = name.strip_suffix("_e2e") else { continue };
-        let value: f64 = rest.split_whitespace().next().unwrap_or("").parse().unwrap_or(f64::NAN);
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Some(peer) = name.strip_suffix("_e2e") else {
+            continue;
+        };
+        let value: f64 = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .parse()
+            .unwrap_or(f64::NAN);
         figure(&format!("ratio_rota_vs_{peer}"), rota / value, "x");
     }
     Ok(())
