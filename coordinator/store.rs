@@ -123,7 +123,12 @@ pub struct Writes {
 impl Writes {
     /// Writes (or overwrites) a job record.
     pub fn put_job(&mut self, rec: &JobRecord) {
-        self.batch.insert(&job_key(&rec.id())[..], rec.encode());
+        self.put_encoded_job(rec.id(), rec.encode());
+    }
+
+    /// Writes a job record already encoded with [`JobRecord::encode`].
+    pub fn put_encoded_job(&mut self, id: JobId, encoded: Vec<u8>) {
+        self.batch.insert(&job_key(&id)[..], encoded);
         self.len += 1;
     }
 

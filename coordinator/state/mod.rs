@@ -91,6 +91,65 @@ struct Live {
     ready: Option<Slot>,
 }
 
+/// The unfinished jobs, kept encoded (a few hundred bytes each instead of the
+/// decoded `Job`'s inline 512 plus its allocations), so that a queue of a
+/// million jobs stays small. Each access decodes a copy; each change stores
+/// the bytes it wrote to the store.
+#[derive(Default)]
+struct LiveJobs {
+    /// The encoded record and ready-index slot, by job.
+    map: HashMap<JobId, Packed>,
+}
+
+/// One unfinished job, encoded.
+struct Packed {
+    /// [`JobRecord::encode`]'s bytes.
+    record: Box<[u8]>,
+    /// Where it sits in the ready index while QUEUED.
+    ready: Option<Slot>,
+}
+
+impl LiveJobs {
+    fn unpack(p: &Packed) -> Live {
+        Live {
+            rec: JobRecord::decode(&p.record).expect("records in the model were encoded by the model"),
+            ready: p.ready.clone(),
+        }
+    }
+
+    /// A decoded copy.
+    fn get(&self, id: &JobId) -> Option<Live> {
+        self.map.get(id).map(Self::unpack)
+    }
+
+    fn contains_key(&self, id: &JobId) -> bool {
+        self.map.contains_key(id)
+    }
+
+    /// Takes a job out, decoded.
+    fn remove(&mut self, id: &JobId) -> Option<Live> {
+        self.map.remove(id).map(|p| Live {
+            rec: JobRecord::decode(&p.record).expect("records in the model were encoded by the model"),
+            ready: p.ready,
+        })
+    }
+
+    /// Puts a job (back) in.
+    fn insert(&mut self, id: JobId, live: Live) {
+        self.insert_encoded(id, live.rec.encode(), live.ready);
+    }
+
+    fn insert_encoded(&mut self, id: JobId, record: Vec<u8>, ready: Option<Slot>) {
+        self.map.insert(
+            id,
+            Packed {
+                record: record.into_boxed_slice(),
+                ready,
+            },
+        );
+    }
+}
+
 /// Job counts per state, per queue.
 #[derive(Default)]
 struct Stats {
@@ -137,7 +196,7 @@ pub struct State {
     /// Settings the decisions use.
     settings: Settings,
     /// Jobs not yet finished, by id.
-    jobs: HashMap<JobId, Live>,
+    jobs: LiveJobs,
     /// Every idempotency key seen, and its job.
     idempotency: HashMap<String, JobId>,
     /// QUEUED jobs in dispatch order.
@@ -167,7 +226,7 @@ impl State {
     pub fn restore(settings: Settings, snapshot: Snapshot, now: SystemTime) -> State {
         let mut state = State {
             settings,
-            jobs: HashMap::new(),
+            jobs: LiveJobs::default(),
             idempotency: snapshot.idempotency.into_iter().collect(),
             ready: ReadyIndex::default(),
             due: BTreeSet::new(),
@@ -253,7 +312,8 @@ impl State {
     fn save(&mut self, live: Live, old: JobState) {
         let new = live.rec.state();
         self.stats.moved(&live.rec.job.queue, old, new);
-        self.round.writes.put_job(&live.rec);
+        let encoded = live.rec.encode();
+        self.round.writes.put_encoded_job(live.rec.id(), encoded.clone());
         if !live.rec.job.schedule.is_empty() && new != old {
             self.schedule_job_changed(&live.rec.job);
         }
@@ -282,7 +342,7 @@ impl State {
                     }
                 }));
             }
-            self.jobs.insert(id, live);
+            self.jobs.insert_encoded(id, encoded, live.ready);
         }
     }
 
