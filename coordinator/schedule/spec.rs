@@ -27,6 +27,16 @@ pub struct Interval {
     pub anchor: Anchor,
 }
 
+impl Interval {
+    /// The START grid point `steps` after the last one at or before `t`.
+    fn grid_point(&self, t: SystemTime, steps: i128) -> SystemTime {
+        let period = self.every.as_nanos() as i128;
+        let shift = self.offset.unwrap_or_default().as_nanos() as i128 % period;
+        let k = (nanos(t) - shift).div_euclid(period) + steps;
+        from_nanos(shift + k * period)
+    }
+}
+
 /// A checked spec.
 #[derive(Clone, Debug)]
 pub enum Spec {
@@ -128,12 +138,7 @@ impl Spec {
                 anchor: Anchor::End,
                 ..
             }) => None,
-            Spec::Interval(Interval { every, offset, .. }) => {
-                let period = every.as_nanos() as i128;
-                let shift = offset.unwrap_or_default().as_nanos() as i128 % period;
-                let k = (nanos(t) - shift).div_euclid(period) + 1;
-                Some(from_nanos(shift + k * period))
-            }
+            Spec::Interval(i) => Some(i.grid_point(t, 1)),
         }
     }
 
@@ -145,12 +150,7 @@ impl Spec {
                 anchor: Anchor::End,
                 ..
             }) => None,
-            Spec::Interval(Interval { every, offset, .. }) => {
-                let period = every.as_nanos() as i128;
-                let shift = offset.unwrap_or_default().as_nanos() as i128 % period;
-                let k = (nanos(t) - shift).div_euclid(period);
-                Some(from_nanos(shift + k * period))
-            }
+            Spec::Interval(i) => Some(i.grid_point(t, 0)),
         }
     }
 

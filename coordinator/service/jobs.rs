@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::coordinator::engine::Engine;
 use crate::coordinator::error::Error;
 use crate::coordinator::ids::JobId;
-use crate::coordinator::service::job_id;
+use crate::coordinator::service::{job_id, page_size};
 use crate::coordinator::state::is_terminal;
 use crate::coordinator::store::Store;
 use crate::coordinator::validate;
@@ -166,15 +166,7 @@ impl JobService for Jobs {
         req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
         let req = req.into_inner();
-        let size = match req.page_size {
-            n if n < 0 => {
-                return Err(
-                    Error::invalid("page_size", format!("is {n}; it must not be negative")).into(),
-                )
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            n => (n as usize).min(MAX_PAGE_SIZE),
-        };
+        let size = page_size(req.page_size)?;
         let state = JobState::try_from(req.state)
             .map_err(|_| Error::invalid("state", format!("{} is not a JobState", req.state)))?;
         let after = if req.page_token.is_empty() {

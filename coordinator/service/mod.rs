@@ -12,3 +12,17 @@ use crate::coordinator::ids::JobId;
 pub(crate) fn job_id(field: &str, s: &str) -> Result<JobId, Error> {
     JobId::parse(s).map_err(|problem| Error::invalid(field, problem))
 }
+
+/// A list call's `page_size`: unset means the default, larger than the
+/// maximum means the maximum, negative is an error.
+pub(crate) fn page_size(n: i32) -> Result<usize, Error> {
+    use crate::coordinator::service::jobs::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+    match n {
+        n if n < 0 => Err(Error::invalid(
+            "page_size",
+            format!("is {n}; it must not be negative"),
+        )),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n => Ok((n as usize).min(MAX_PAGE_SIZE)),
+    }
+}

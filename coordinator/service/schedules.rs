@@ -8,7 +8,7 @@ use crate::coordinator::engine::Engine;
 use crate::coordinator::error::Error;
 use crate::coordinator::schedule::check::new_schedule;
 use crate::coordinator::schedule::spec::Spec;
-use crate::coordinator::service::jobs::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::coordinator::service::page_size;
 use crate::coordinator::validate;
 use crate::proto::preview_schedule_request::Source;
 use crate::proto::schedule_service_server::ScheduleService;
@@ -105,15 +105,7 @@ impl ScheduleService for Schedules {
         req: Request<ListSchedulesRequest>,
     ) -> Result<Response<ListSchedulesResponse>, Status> {
         let req = req.into_inner();
-        let size = match req.page_size {
-            n if n < 0 => {
-                return Err(
-                    Error::invalid("page_size", format!("is {n}; it must not be negative")).into(),
-                )
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            n => (n as usize).min(MAX_PAGE_SIZE),
-        };
+        let size = page_size(req.page_size)?;
         let (schedules, next_page_token) =
             self.engine.list_schedules(&req.page_token, size).await?;
         Ok(Response::new(ListSchedulesResponse {

@@ -112,7 +112,8 @@ struct Packed {
 impl LiveJobs {
     fn unpack(p: &Packed) -> Live {
         Live {
-            rec: JobRecord::decode(&p.record).expect("records in the model were encoded by the model"),
+            rec: JobRecord::decode(&p.record)
+                .expect("records in the model were encoded by the model"),
             ready: p.ready.clone(),
         }
     }
@@ -129,7 +130,8 @@ impl LiveJobs {
     /// Takes a job out, decoded.
     fn remove(&mut self, id: &JobId) -> Option<Live> {
         self.map.remove(id).map(|p| Live {
-            rec: JobRecord::decode(&p.record).expect("records in the model were encoded by the model"),
+            rec: JobRecord::decode(&p.record)
+                .expect("records in the model were encoded by the model"),
             ready: p.ready,
         })
     }
@@ -313,7 +315,9 @@ impl State {
         let new = live.rec.state();
         self.stats.moved(&live.rec.job.queue, old, new);
         let encoded = live.rec.encode();
-        self.round.writes.put_encoded_job(live.rec.id(), encoded.clone());
+        self.round
+            .writes
+            .put_encoded_job(live.rec.id(), encoded.clone());
         if !live.rec.job.schedule.is_empty() && new != old {
             self.schedule_job_changed(&live.rec.job);
         }
