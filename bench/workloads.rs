@@ -200,13 +200,20 @@ async fn all_jobs(url: &str) -> Result<HashMap<String, Job>> {
 }
 
 pub async fn latency(seconds: u64) -> Result<()> {
+    latency_at(&[200, 2000], seconds).await.map(|_| ())
+}
+
+/// Runs open-loop loads at each rate in turn, prints their percentiles, and
+/// returns the submit->start p99 (ms) of each.
+async fn latency_at(rates: &[u64], seconds: u64) -> Result<Vec<f64>> {
+    let mut p99s = Vec::new();
     let scratch = Scratch::new("latency")?;
     let coord = Coordinator::start(&scratch.0.join("data"), "127.0.0.1:0")?;
     let _workers = Workers::sdk(&coord.url, WORKERS, SLOTS)?;
     Workers::wait_connected(&coord.url, WORKERS).await?;
     let client = job_client(&coord.url).await?;
     let mut total = 0u64;
-    for rate in [200u64, 2000] {
+    for &rate in rates {
         // Open loop: one submit every 1/rate s, each in its own task, whatever
         // the answers take.
         let sent: Arc<Mutex<Vec<(String, SystemTime)>>> = Default::default();
@@ -242,6 +249,8 @@ pub async fn latency(seconds: u64) -> Result<()> {
             let end = time(&job.end_time).context("end_time")?;
             complete.push(end.duration_since(*at).unwrap_or_default().as_secs_f64() * 1e3);
         }
+        start.sort_by(|a, b| a.total_cmp(b));
+        p99s.push(quantile(&start, 0.99));
         for (what, v) in [
             ("submit_to_start", &mut start),
             ("submit_to_complete", &mut complete),
@@ -256,7 +265,8 @@ pub async fn latency(seconds: u64) -> Result<()> {
             }
         }
     }
-    coord.stop()
+    coord.stop()?;
+    Ok(p99s)
 }
 
 /// Keeps at least `depth` jobs queued until `stop`.
@@ -435,6 +445,7 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
 
 pub async fn compare(n: usize) -> Result<()> {
     let rota = e2e(n, true).await?;
+    let rota_p99 = latency_at(&[200], 20).await?[0];
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/run.sh");
     let out = tokio::process::Command::new("bash")
         .arg(script)
@@ -452,16 +463,23 @@ pub async fn compare(n: usize) -> Result<()> {
         let Some((name, rest)) = line.split_once(':') else {
             continue;
         };
-        let Some(peer) = name.strip_suffix("_e2e") else {
-            continue;
-        };
         let value: f64 = rest
             .split_whitespace()
             .next()
             .unwrap_or("")
             .parse()
             .unwrap_or(f64::NAN);
-        figure(&format!("ratio_rota_vs_{peer}"), rota / value, "x");
+        if let Some(peer) = name.strip_suffix("_e2e") {
+            figure(&format!("ratio_rota_vs_{peer}"), rota / value, "x");
+        }
+        if let Some(peer) = name.strip_suffix("_submit_to_start_p99") {
+            // Below 1: Rota's p99 is lower than the peer's at the same load.
+            figure(
+                &format!("latency_200_per_s_p99_ratio_rota_vs_{peer}"),
+                rota_p99 / value,
+                "x",
+            );
+        }
     }
     Ok(())
 }
