@@ -169,6 +169,17 @@ impl FakeSession {
         got
     }
 
+    /// Assigns a job, waits for its completion, acknowledges it, and returns
+    /// its outcome.
+    async fn run_one(&mut self, job_id: &str, kind: &str, payload: &[u8]) -> Outcome {
+        self.assign(job_id, kind, payload).await;
+        let c = self.recv_complete().await;
+        assert_eq!(c.job_id, job_id);
+        assert_eq!(c.lease_id, lease_of(job_id));
+        self.ack(&c).await;
+        outcome(&c).clone()
+    }
+
     async fn ack(&self, complete: &proto::Complete) {
         self.send(coordinator_message::Msg::CompleteAck(proto::CompleteAck {
             job_id: complete.job_id.clone(),
@@ -405,49 +416,33 @@ async fn hello_assign_complete_ack_and_drain() {
     assert!(!hello.hostname.is_empty());
     s.welcome(vec![], vec![]).await;
 
-    s.assign("j1", "echo", b"hi").await;
-    let c = s.recv_complete().await;
-    assert_eq!((c.job_id.as_str(), c.lease_id.as_str()), ("j1", "lease-j1"));
     assert_eq!(
-        outcome(&c),
-        &Outcome::Success(proto::Success {
+        s.run_one("j1", "echo", b"hi").await,
+        Outcome::Success(proto::Success {
             result: b"hi".to_vec()
         })
     );
-    s.ack(&c).await;
-
-    s.assign("j2", "fail", b"").await;
-    let c = s.recv_complete().await;
     assert_eq!(
-        outcome(&c),
-        &Outcome::Failure(proto::Failure {
+        s.run_one("j2", "fail", b"").await,
+        Outcome::Failure(proto::Failure {
             error: "bad input".into(),
             permanent: true
         })
     );
-    s.ack(&c).await;
-
-    s.assign("j3", "panic", b"").await;
-    let c = s.recv_complete().await;
     assert_eq!(
-        outcome(&c),
-        &Outcome::Failure(proto::Failure {
+        s.run_one("j3", "panic", b"").await,
+        Outcome::Failure(proto::Failure {
             error: "handler panicked: handler blew up".into(),
             permanent: false
         })
     );
-    s.ack(&c).await;
-
-    s.assign("j4", "unknown", b"").await;
-    let c = s.recv_complete().await;
     assert_eq!(
-        outcome(&c),
-        &Outcome::Failure(proto::Failure {
+        s.run_one("j4", "unknown", b"").await,
+        Outcome::Failure(proto::Failure {
             error: "no handler for kind unknown".into(),
             permanent: false
         })
     );
-    s.ack(&c).await;
 
     // Drain with a task running: new work is refused, the running one finishes.
     s.assign("j5", "slow", b"slow result").await;
