@@ -277,10 +277,7 @@ impl Engine {
         let live = self.lock().live_job(id);
         let job = match live {
             Some(job) => job,
-            None => match self.shared.store.get_job(id)? {
-                Some(rec) => rec.job,
-                None => return Err(Error::NotFound(format!("job {id} not found"))),
-            },
+            None => crate::coordinator::state::finished_job(id, &self.shared.store)?,
         };
         self.durable_now().await?;
         Ok(job)

@@ -164,12 +164,9 @@ impl State {
 
     /// One job, live or finished.
     pub fn get_job(&self, id: JobId, store: &Store) -> Result<Job, Error> {
-        if let Some(live) = self.jobs.get(&id) {
-            return Ok(live.rec.job.clone());
-        }
-        match store.get_job(id)? {
-            Some(rec) => Ok(rec.job),
-            None => Err(Error::NotFound(format!("job {id} not found"))),
+        match self.live_job(id) {
+            Some(job) => Ok(job),
+            None => finished_job(id, store),
         }
     }
 
@@ -189,5 +186,13 @@ impl State {
         watchers.retain(|w| !w.is_closed());
         watchers.push(tx);
         Ok((job, Some(rx)))
+    }
+}
+
+/// A job that is no longer in the model, from the store.
+pub fn finished_job(id: JobId, store: &Store) -> Result<Job, Error> {
+    match store.get_job(id)? {
+        Some(rec) => Ok(rec.job),
+        None => Err(Error::NotFound(format!("job {id} not found"))),
     }
 }

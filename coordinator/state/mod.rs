@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 mod dispatch;
 mod jobs;
+pub use jobs::finished_job;
 mod reads;
 mod schedules;
 pub use schedules::FIRE_TIME_LABEL;
