@@ -20,6 +20,10 @@ pub const FIRE_TIME_LABEL: &str = "rota.fire_time";
 /// rounding of `date`).
 const CLOCK_SLACK: Duration = Duration::from_millis(20);
 
+/// How soon after a worker's death the coordinator has seen its stream end (the kernel
+/// closes the dead process's sockets at once); until then it may still lease it jobs.
+const DEATH_NOTICED_WITHIN: Duration = Duration::from_secs(1);
+
 /// What a chaos job does, from the first word of its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
@@ -78,7 +82,7 @@ pub fn parse_payload(payload: &[u8]) -> Option<(Mode, Duration)> {
 pub enum Crash {
     /// The coordinator: killed at `down`, serving again at `up`.
     Coordinator { down: SystemTime, up: SystemTime },
-    /// A `rota-worker` with this id, killed at `at`.
+    /// A `rota-worker` with this id, dead (killed and reaped) at `at`.
     Worker { id: String, at: SystemTime },
 }
 
@@ -246,7 +250,10 @@ pub fn audit(jobs: &[Job], ev: &Evidence<'_>) -> Result<Figures, Vec<String>> {
             .entry(format!("{:?}", job.state()))
             .or_default() += 1;
         let Some((mode, _)) = parse_payload(&job.payload) else {
-            v.push(format!("job {}: payload {:?} is not a chaos payload", job.id, job.payload));
+            v.push(format!(
+                "job {}: payload {:?} is not a chaos payload",
+                job.id, job.payload
+            ));
             continue;
         };
         *fig.by_mode
@@ -305,7 +312,10 @@ fn check_acknowledged(
     }
     for (key, ids) in per_key {
         if ids.len() > 1 {
-            v.push(format!("idempotency key {key} made {} jobs: {ids:?}", ids.len()));
+            v.push(format!(
+                "idempotency key {key} made {} jobs: {ids:?}",
+                ids.len()
+            ));
         }
     }
 }
@@ -374,7 +384,11 @@ fn check_job(
     for (i, a) in job.attempts.iter().enumerate() {
         let last = i + 1 == n;
         if a.number as usize != i + 1 {
-            v.push(format!("job {id}: attempt #{} is numbered {}", i + 1, a.number));
+            v.push(format!(
+                "job {id}: attempt #{} is numbered {}",
+                i + 1,
+                a.number
+            ));
         }
         match a.outcome.as_str() {
             "succeeded" | "failed" => {
@@ -400,7 +414,10 @@ fn check_job(
                     fig.lost_on_reconnect += 1;
                 }
                 if let Some(why) = unexplained_loss(a, ev) {
-                    v.push(format!("job {id}: attempt {} lost its lease {why}", a.number));
+                    v.push(format!(
+                        "job {id}: attempt {} lost its lease {why}",
+                        a.number
+                    ));
                 }
             }
             other => v.push(format!(
@@ -431,13 +448,7 @@ fn check_job(
 /// outcome is that outcome and the one its mode gives on that attempt, and the run lies
 /// inside the attempt's lease (started after the lease was granted, ended before the
 /// outcome was recorded), so the outcome cannot be a stale run's.
-fn check_accepted_run(
-    job: &Job,
-    a: &Attempt,
-    mode: Mode,
-    run: Option<&&Run>,
-    v: &mut Vec<String>,
-) {
+fn check_accepted_run(job: &Job, a: &Attempt, mode: Mode, run: Option<&&Run>, v: &mut Vec<String>) {
     let id = &job.id;
     let Some(run) = run else {
         v.push(format!(
@@ -471,12 +482,16 @@ fn check_accepted_run(
                 ));
             }
         }
-        _ => v.push(format!("job {id}: attempt {} has no start or end time", a.number)),
+        _ => v.push(format!(
+            "job {id}: attempt {} has no start or end time",
+            a.number
+        )),
     }
 }
 
 /// Why a lost lease is not explained by a kill, if it is not: a worker's lease may only be
-/// lost if that worker was killed while it held it; with the coordinator killed, only if the
+/// lost if that worker was killed while it held it (or was granted it just after its death,
+/// before the coordinator saw its stream end); with the coordinator killed, only if the
 /// lease was granted before a crash and lost within one lease timeout (plus slack for a
 /// loaded machine) of the restart.
 fn unexplained_loss(a: &Attempt, ev: &Evidence<'_>) -> Option<String> {
@@ -485,7 +500,9 @@ fn unexplained_loss(a: &Attempt, ev: &Evidence<'_>) -> Option<String> {
     };
     let slack = Duration::from_secs(3);
     let explained = ev.crashes.iter().any(|c| match c {
-        Crash::Worker { id, at } => *id == a.worker_id && start <= *at && *at <= end,
+        Crash::Worker { id, at } => {
+            *id == a.worker_id && start <= *at + DEATH_NOTICED_WITHIN && *at <= end
+        }
         Crash::Coordinator { down, up } => {
             start <= *down && *up <= end && end <= *up + ev.lease_timeout + slack
         }
@@ -511,15 +528,24 @@ fn check_schedule(
     let mut fires: BTreeMap<SystemTime, Vec<&str>> = BTreeMap::new();
     for j in jobs.iter().filter(|j| j.schedule == name) {
         let Some(label) = j.labels.get(FIRE_TIME_LABEL) else {
-            v.push(format!("schedule job {} has no {FIRE_TIME_LABEL} label", j.id));
+            v.push(format!(
+                "schedule job {} has no {FIRE_TIME_LABEL} label",
+                j.id
+            ));
             continue;
         };
         let Ok(fire) = humantime::parse_rfc3339(label) else {
-            v.push(format!("schedule job {}: fire time {label:?} unreadable", j.id));
+            v.push(format!(
+                "schedule job {}: fire time {label:?} unreadable",
+                j.id
+            ));
             continue;
         };
         if time(&j.create_time).is_none_or(|c| c < fire) {
-            v.push(format!("schedule job {} was created before its fire time {label}", j.id));
+            v.push(format!(
+                "schedule job {} was created before its fire time {label}",
+                j.id
+            ));
         }
         fires.entry(fire).or_default().push(&j.id);
     }
@@ -607,7 +633,11 @@ mod tests {
             kind: "cmd".into(),
             payload: payload(Mode::Ok, 0.05),
             schedule: "tick".into(),
-            labels: [(FIRE_TIME_LABEL.to_string(), "2023-11-14T22:13:20Z".to_string())].into(),
+            labels: [(
+                FIRE_TIME_LABEL.to_string(),
+                "2023-11-14T22:13:20Z".to_string(),
+            )]
+            .into(),
             create_time: Some(at(0).into()),
             state: JobState::Succeeded as i32,
             attempt: 1,
@@ -650,12 +680,7 @@ mod tests {
     /// The audit of `good()` after `spoil`, which must fail naming `expect`.
     fn fails(
         expect: &str,
-        spoil: impl FnOnce(
-            &mut Vec<Job>,
-            &mut Vec<Run>,
-            &mut BTreeMap<String, String>,
-            &mut Vec<Crash>,
-        ),
+        spoil: impl FnOnce(&mut Vec<Job>, &mut Vec<Run>, &mut BTreeMap<String, String>, &mut Vec<Crash>),
     ) {
         let (mut jobs, mut runs, mut acked, mut crashes) = good();
         spoil(&mut jobs, &mut runs, &mut acked, &mut crashes);
@@ -752,7 +777,9 @@ mod tests {
 
     #[test]
     fn a_final_state_its_attempts_do_not_lead_to_is_reported() {
-        fails("lead to", |jobs, _, _, _| jobs[0].state = JobState::Failed as i32);
+        fails("lead to", |jobs, _, _, _| {
+            jobs[0].state = JobState::Failed as i32
+        });
     }
 
     #[test]
@@ -770,7 +797,9 @@ mod tests {
         fails("skipped due times", |jobs, runs, _, _| {
             let mut later = jobs[1].clone();
             later.id = "j4".into();
-            later.labels.insert(FIRE_TIME_LABEL.into(), "2023-11-14T22:13:22Z".into());
+            later
+                .labels
+                .insert(FIRE_TIME_LABEL.into(), "2023-11-14T22:13:22Z".into());
             later.create_time = Some(at(3000).into());
             runs.push(run("j4", 1, "w1", 15, Some((80, true))));
             jobs.push(later);
@@ -788,7 +817,11 @@ mod tests {
         let mut changed = jobs.clone();
         changed[0].attempts[2].end_time = Some(at(2900).into());
         m.observe(&changed, "3");
-        assert!(m.violations[0].contains("changed after it finished"), "{:?}", m.violations);
+        assert!(
+            m.violations[0].contains("changed after it finished"),
+            "{:?}",
+            m.violations
+        );
 
         let mut m = Monitor::default();
         let mut running = jobs.clone();
@@ -797,11 +830,19 @@ mod tests {
         let mut back = running.clone();
         back[0].attempt = 2;
         m.observe(&back, "2");
-        assert!(m.violations[0].contains("attempt went back"), "{:?}", m.violations);
+        assert!(
+            m.violations[0].contains("attempt went back"),
+            "{:?}",
+            m.violations
+        );
         let mut rewritten = running.clone();
         rewritten[0].attempts[0].outcome = "succeeded".into();
         m.observe(&rewritten, "3");
-        assert!(m.violations[1].contains("was rewritten"), "{:?}", m.violations);
+        assert!(
+            m.violations[1].contains("was rewritten"),
+            "{:?}",
+            m.violations
+        );
         m.observe(&running[1..], "4");
         assert!(m.violations[2].contains("is missing"), "{:?}", m.violations);
     }

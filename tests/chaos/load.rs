@@ -68,7 +68,7 @@ fn random_job(rng: &mut StdRng, key: String) -> Job {
         80..=84 => (SDK, Mode::Flaky),
         _ => (SDK, Mode::Perm),
     };
-    let secs = rng.gen_range(0.05..0.5);
+    let secs = rng.gen_range(0.02..0.3);
     chaos_job(kind, mode, secs, key)
 }
 
@@ -125,7 +125,7 @@ pub fn spawn_clients(
                     })
                     .collect();
                 submit_until_acked(&client, jobs, &acked).await;
-                let pause = Duration::from_millis(rng.gen_range(10..60));
+                let pause = Duration::from_millis(rng.gen_range(200..600));
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = tokio::time::sleep(pause) => {}
@@ -166,7 +166,11 @@ async fn submit_until_acked(client: &JobServiceClient<Channel>, jobs: Vec<Job>, 
                     }
                     let id = r.job.expect("a result carries its job").id;
                     let before = map.insert(job.idempotency_key.clone(), id.clone());
-                    assert!(before.is_none(), "key {} acknowledged twice", job.idempotency_key);
+                    assert!(
+                        before.is_none(),
+                        "key {} acknowledged twice",
+                        job.idempotency_key
+                    );
                 }
                 return;
             }
@@ -244,7 +248,7 @@ pub fn spawn_sdk_worker(url: &str, log: &Path) -> (JoinHandle<RunSummary>, Shutd
     let log: PathBuf = log.to_path_buf();
     let worker = SdkWorker::builder(url.to_string())
         .worker_id(SDK_WORKER)
-        .slots(3)
+        .slots(4)
         .handler(SDK, move |ctx: TaskContext| {
             let log = log.clone();
             async move {
@@ -263,11 +267,17 @@ pub fn spawn_sdk_worker(url: &str, log: &Path) -> (JoinHandle<RunSummary>, Shutd
                 runlog::append(&log, &line("start"));
                 tokio::time::sleep(secs).await;
                 let ok = mode.succeeds_on(ctx.attempt());
-                runlog::append(&log, &format!("{} {}", line("end"), if ok { "ok" } else { "fail" }));
+                runlog::append(
+                    &log,
+                    &format!("{} {}", line("end"), if ok { "ok" } else { "fail" }),
+                );
                 match mode {
                     _ if ok => Ok(b"done".to_vec()),
                     Mode::Perm => Err(TaskError::permanent("chaos-perm-failure")),
-                    _ => Err(TaskError::retryable(format!("chaos-{}-failure", mode.word()))),
+                    _ => Err(TaskError::retryable(format!(
+                        "chaos-{}-failure",
+                        mode.word()
+                    ))),
                 }
             }
         })

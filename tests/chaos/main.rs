@@ -43,7 +43,7 @@ const WORKER_KILLS: usize = 24;
 const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
 const COORDINATOR_FLAGS: &[&str] = &["--lease-timeout", "2s", "--heartbeat-interval", "200ms"];
 /// Concurrent submitting clients.
-const CLIENTS: u64 = 4;
+const CLIENTS: u64 = 3;
 /// Bound on the load settling once the kills stop (every job finished).
 const SETTLE_BOUND: Duration = Duration::from_secs(120);
 /// The schedule's name and period.
@@ -61,20 +61,28 @@ fn seed(test: &str) -> u64 {
 }
 
 /// Every job once the load has settled: polls until every job is finished, feeding each
-/// listing to the monitor.
+/// listing to the monitor. Panics after [`SETTLE_BOUND`] with the count of jobs per state.
 async fn settled_jobs(url: &str, monitor: &Mutex<Monitor>) -> Vec<Job> {
     let client = JobServiceClient::new(load::lazy_channel(url)).max_decoding_message_size(64 << 20);
-    wait_until(SETTLE_BOUND, "every job finished", || {
-        let client = client.clone();
-        async move {
-            let jobs = load::try_list_all(&client).await.ok()?;
+    let deadline = Instant::now() + SETTLE_BOUND;
+    let mut last = BTreeMap::new();
+    loop {
+        if let Ok(jobs) = load::try_list_all(&client).await {
             monitor.lock().unwrap().observe(&jobs, "settling");
-            jobs.iter()
-                .all(|j| common::is_terminal(j.state()))
-                .then_some(jobs)
+            if jobs.iter().all(|j| common::is_terminal(j.state())) {
+                return jobs;
+            }
+            last = BTreeMap::new();
+            for j in &jobs {
+                *last.entry(format!("{:?}", j.state())).or_insert(0) += 1;
+            }
         }
-    })
-    .await
+        assert!(
+            Instant::now() < deadline,
+            "jobs still unfinished after {SETTLE_BOUND:?}: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Stops the clients (each finishes the submit it started) and returns what they were told.
@@ -203,7 +211,7 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     let scheduled_at = put_schedule(&url).await;
     let _workers: Vec<Worker> = ["w1", "w2"]
         .iter()
-        .map(|id| Worker::start(&url, &load::worker_config(id, 3, &log), dir.path()))
+        .map(|id| Worker::start(&url, &load::worker_config(id, 4, &log), dir.path()))
         .collect();
     let (sdk, sdk_handle) = load::spawn_sdk_worker(&url, &log);
     for id in ["w1", "w2", SDK_WORKER] {
@@ -212,7 +220,13 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     let acked = Arc::new(Acked::default());
     let monitor = Arc::new(Mutex::new(Monitor::default()));
     let (stop_clients_token, stop_snapshots) = (CancellationToken::new(), CancellationToken::new());
-    let clients = load::spawn_clients(&url, CLIENTS, seed, stop_clients_token.clone(), acked.clone());
+    let clients = load::spawn_clients(
+        &url,
+        CLIENTS,
+        seed,
+        stop_clients_token.clone(),
+        acked.clone(),
+    );
     let snapshots = load::spawn_snapshots(&url, monitor.clone(), stop_snapshots.clone());
 
     // The chaos: up for a random while, kill -9, down for a random while (now and then long
@@ -279,7 +293,10 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
         "the kills hit the clients"
     );
     assert!(across > 0, "the kills hit runs in flight");
-    assert!(monitor.snapshots > COORDINATOR_KILLS, "snapshots between the kills");
+    assert!(
+        monitor.snapshots > COORDINATOR_KILLS,
+        "snapshots between the kills"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -298,7 +315,7 @@ async fn worker_kill_9_under_load_loses_nothing_and_counts_each_attempt() {
     let mut ids: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
     let mut workers: Vec<Worker> = ids
         .iter()
-        .map(|id| Worker::start(&url, &load::worker_config(id, 3, &log), dir.path()))
+        .map(|id| Worker::start(&url, &load::worker_config(id, 4, &log), dir.path()))
         .collect();
     let (sdk, sdk_handle) = load::spawn_sdk_worker(&url, &log);
     for id in ids.iter().map(|s| s.as_str()).chain([SDK_WORKER]) {
@@ -307,7 +324,13 @@ async fn worker_kill_9_under_load_loses_nothing_and_counts_each_attempt() {
     let acked = Arc::new(Acked::default());
     let monitor = Arc::new(Mutex::new(Monitor::default()));
     let (stop_clients_token, stop_snapshots) = (CancellationToken::new(), CancellationToken::new());
-    let clients = load::spawn_clients(&url, CLIENTS, seed, stop_clients_token.clone(), acked.clone());
+    let clients = load::spawn_clients(
+        &url,
+        CLIENTS,
+        seed,
+        stop_clients_token.clone(),
+        acked.clone(),
+    );
     let snapshots = load::spawn_snapshots(&url, monitor.clone(), stop_snapshots.clone());
 
     let mut crashes = Vec::new();
@@ -315,17 +338,17 @@ async fn worker_kill_9_under_load_loses_nothing_and_counts_each_attempt() {
     for k in 0..WORKER_KILLS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(400..1400))).await;
         let place = rng.gen_range(0..workers.len());
-        let at = SystemTime::now();
         tokio::task::block_in_place(|| workers[place].kill9());
         crashes.push(Crash::Worker {
             id: ids[place].clone(),
-            at,
+            at: SystemTime::now(),
         });
         if rng.gen_bool(0.5) {
             renamed += 1;
             ids[place] = format!("{}-{k}", &ids[place][..1]);
         }
-        workers[place] = Worker::start(&url, &load::worker_config(&ids[place], 3, &log), dir.path());
+        workers[place] =
+            Worker::start(&url, &load::worker_config(&ids[place], 4, &log), dir.path());
     }
     let chaos_secs = began.elapsed().as_secs_f64();
 

@@ -102,7 +102,10 @@ pub fn parse(text: &str) -> Vec<Run> {
             ),
             _ => bad(),
         };
-        let time = f.get(5).and_then(|t| parse_time(t)).unwrap_or_else(|| bad());
+        let time = f
+            .get(5)
+            .and_then(|t| parse_time(t))
+            .unwrap_or_else(|| bad());
         let key = (f[1].to_string(), attempt, f[3].to_string(), pid);
         match (f[0], f.len()) {
             ("start", 6) => {
@@ -184,7 +187,10 @@ fn run_log_lines_pair_up_by_job_attempt_worker_and_pid() {
         runs[0].end,
         Some((UNIX_EPOCH + Duration::new(1_700_000_001, 1), true))
     );
-    assert_eq!(runs[0].start, UNIX_EPOCH + Duration::new(1_700_000_000, 500_000_000));
+    assert_eq!(
+        runs[0].start,
+        UNIX_EPOCH + Duration::new(1_700_000_000, 500_000_000)
+    );
     assert_eq!(runs[1].end, None, "killed before its end");
     assert_eq!(runs[2].end.map(|(_, ok)| ok), Some(false));
     let t = UNIX_EPOCH + Duration::new(5, 42);
