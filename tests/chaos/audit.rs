@@ -162,6 +162,8 @@ fn is_terminal(s: JobState) -> bool {
 #[derive(Default)]
 pub struct Monitor {
     seen: HashMap<String, Job>,
+    /// Jobs already reported missing (each is reported once).
+    missing: BTreeSet<String>,
     pub snapshots: usize,
     pub violations: Vec<String>,
 }
@@ -172,7 +174,7 @@ impl Monitor {
         self.snapshots += 1;
         let listed: BTreeSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
         for id in self.seen.keys() {
-            if !listed.contains(id.as_str()) {
+            if !listed.contains(id.as_str()) && self.missing.insert(id.clone()) {
                 self.violations.push(format!(
                     "job {id} was listed before but is missing from snapshot {label}"
                 ));
