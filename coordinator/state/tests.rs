@@ -363,6 +363,7 @@ fn a_lease_the_worker_never_got_before_a_restart_costs_no_attempt() {
     // with its one attempt intact.
     let mut w = f.connect("w1", 1, &[], vec![]);
     let again = w.assign().job.unwrap();
+    assert_eq!(again.id, j.id);
     assert_eq!((again.state(), again.attempt), (JobState::Running, 1));
     assert_eq!(again.attempts.len(), 2);
     assert_eq!(again.attempts[0].outcome, "interrupted");
