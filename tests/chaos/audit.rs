@@ -119,6 +119,9 @@ pub struct Figures {
     pub lost_before_run: usize,
     /// Of the lost leases, those ended because the worker came back without them.
     pub lost_on_reconnect: usize,
+    /// Leases granted just before a coordinator crash that never reached their worker:
+    /// ended `interrupted`, not counted.
+    pub undelivered: usize,
     pub schedule_fires: usize,
 }
 
@@ -128,7 +131,7 @@ impl std::fmt::Display for Figures {
             f,
             "{} jobs {:?}, final states {:?}; {} attempts; {} runs: {} accepted, {} fenced after \
              finishing, {} killed mid-run; {} leases lost before a run began; {} leases ended on \
-             reconnect; {} schedule fires",
+             reconnect; {} undelivered leases re-run uncounted; {} schedule fires",
             self.jobs,
             self.by_mode,
             self.by_state,
@@ -139,6 +142,7 @@ impl std::fmt::Display for Figures {
             self.fenced_killed,
             self.lost_before_run,
             self.lost_on_reconnect,
+            self.undelivered,
             self.schedule_fires,
         )
     }
@@ -205,7 +209,13 @@ fn changed_illegally(before: &Job, after: &Job) -> Option<String> {
             )
         });
     }
-    if after.attempt < before.attempt {
+    // Only an attempt in progress that ends `interrupted` gives its number back.
+    let gave_back = before.attempts.last().is_some_and(|a| a.outcome.is_empty())
+        && after
+            .attempts
+            .get(before.attempts.len().wrapping_sub(1))
+            .is_some_and(|a| a.outcome == "interrupted");
+    if after.attempt + u32::from(gave_back) < before.attempt {
         return Some(format!(
             "attempt went back from {} to {}",
             before.attempt, after.attempt
@@ -340,7 +350,7 @@ fn index_runs<'r>(
         let leased = by_id.get(run.job.as_str()).and_then(|j| {
             j.attempts
                 .iter()
-                .find(|a| a.number == run.attempt)
+                .find(|a| a.number == run.attempt && counts(a))
                 .map(|a| a.worker_id.as_str())
         });
         match leased {
@@ -358,8 +368,10 @@ fn index_runs<'r>(
     index
 }
 
-/// One job: its attempts are numbered 1..=attempt within max_attempts; each ended with an
-/// outcome its run (or a kill) explains; and its final state is the one its attempts lead to.
+/// One job: its counted attempts are numbered 1..=attempt within max_attempts; each ended
+/// with an outcome its run (or a kill) explains; an uncounted (`interrupted`) one was lost
+/// with a coordinator crash and is followed by its re-run under the same number; and its
+/// final state is the one its attempts lead to.
 fn check_job(
     job: &Job,
     mode: Mode,
@@ -369,21 +381,40 @@ fn check_job(
     v: &mut Vec<String>,
 ) {
     let id = &job.id;
-    let n = job.attempt as usize;
     if !is_terminal(job.state()) {
         v.push(format!("job {id} never finished: {:?}", job.state()));
         return;
     }
-    if n == 0 || job.attempts.len() != n || job.attempt > job.max_attempts {
+    let counted: Vec<&Attempt> = job.attempts.iter().filter(|a| counts(a)).collect();
+    let n = counted.len();
+    if n == 0 || n != job.attempt as usize || job.attempt > job.max_attempts {
         v.push(format!(
-            "job {id}: attempt {} with {} attempts recorded, max_attempts {}",
+            "job {id}: attempt {} with {n} counted attempts recorded ({:?}), max_attempts {}",
             job.attempt,
-            job.attempts.len(),
+            outcomes(&job.attempts),
             job.max_attempts
         ));
         return;
     }
     for (i, a) in job.attempts.iter().enumerate() {
+        if a.outcome != "interrupted" {
+            continue;
+        }
+        fig.undelivered += 1;
+        if job.attempts.get(i + 1).map(|b| b.number) != Some(a.number) {
+            v.push(format!(
+                "job {id}: interrupted attempt {} was not run again under its number",
+                a.number
+            ));
+        }
+        if let Some(why) = unexplained_loss(a, ev, false) {
+            v.push(format!(
+                "job {id}: attempt {} was interrupted {why}",
+                a.number
+            ));
+        }
+    }
+    for (i, a) in counted.iter().enumerate() {
         let last = i + 1 == n;
         if a.number as usize != i + 1 {
             v.push(format!(
@@ -415,7 +446,7 @@ fn check_job(
                 if a.error.contains("reconnected without this lease") {
                     fig.lost_on_reconnect += 1;
                 }
-                if let Some(why) = unexplained_loss(a, ev) {
+                if let Some(why) = unexplained_loss(a, ev, true) {
                     v.push(format!(
                         "job {id}: attempt {} lost its lease {why}",
                         a.number
@@ -428,7 +459,7 @@ fn check_job(
             )),
         }
     }
-    let last = &job.attempts[n - 1];
+    let last = counted[n - 1];
     let used_up = job.attempt == job.max_attempts;
     let expected = match last.outcome.as_str() {
         "succeeded" => Some(JobState::Succeeded),
@@ -444,6 +475,11 @@ fn check_job(
             job.max_attempts
         ));
     }
+}
+
+/// Whether an attempt counts against max_attempts (an `interrupted` one does not).
+fn counts(a: &Attempt) -> bool {
+    a.outcome != "interrupted"
 }
 
 /// An attempt whose outcome the coordinator accepted: exactly one run made it, the run's own
@@ -491,19 +527,19 @@ fn check_accepted_run(job: &Job, a: &Attempt, mode: Mode, run: Option<&&Run>, v:
     }
 }
 
-/// Why a lost lease is not explained by a kill, if it is not: a worker's lease may only be
-/// lost if that worker was killed while it held it (or was granted it just after its death,
-/// before the coordinator saw its stream end); with the coordinator killed, only if the
-/// lease was granted before a crash and lost within one lease timeout (plus slack for a
-/// loaded machine) of the restart.
-fn unexplained_loss(a: &Attempt, ev: &Evidence<'_>) -> Option<String> {
+/// Why a lost lease is not explained by a kill, if it is not. A worker's kill explains the
+/// loss (`by_worker`) of a lease it held (or was granted just after its death, before the
+/// coordinator saw its stream end). A coordinator crash explains the loss of a lease granted
+/// before it and lost within one lease timeout (plus slack for a loaded machine) of the
+/// restart.
+fn unexplained_loss(a: &Attempt, ev: &Evidence<'_>, by_worker: bool) -> Option<String> {
     let (Some(start), Some(end)) = (time(&a.start_time), time(&a.end_time)) else {
         return Some("and has no start or end time".into());
     };
     let slack = Duration::from_secs(3);
     let explained = ev.crashes.iter().any(|c| match c {
         Crash::Worker { id, at } => {
-            *id == a.worker_id && start <= *at + DEATH_NOTICED_WITHIN && *at <= end
+            by_worker && *id == a.worker_id && start <= *at + DEATH_NOTICED_WITHIN && *at <= end
         }
         Crash::Coordinator { down, up } => {
             start <= *down && *up <= end && end <= *up + ev.lease_timeout + slack
@@ -511,7 +547,7 @@ fn unexplained_loss(a: &Attempt, ev: &Evidence<'_>) -> Option<String> {
     });
     (!explained).then(|| {
         format!(
-            "({:?}, worker {}, leased {start:?}, lost {end:?}) with no kill to explain it",
+            "({:?}, worker {}, leased {start:?}, ended {end:?}) with no kill to explain it",
             a.error, a.worker_id
         )
     })
@@ -806,6 +842,66 @@ mod tests {
             runs.push(run("j4", 1, "w1", 15, Some((80, true))));
             jobs.push(later);
         });
+    }
+
+    /// `good()`'s flaky job with an Assign lost in a coordinator crash before attempt 3.
+    fn with_undelivered(jobs: &mut [Job], crashes: &mut Vec<Crash>) {
+        let lost = attempt(3, "w2", 2550, 2580, "interrupted");
+        jobs[0].attempts.insert(2, lost);
+        crashes.push(Crash::Coordinator {
+            down: at(2560),
+            up: at(2570),
+        });
+    }
+
+    #[test]
+    fn an_uncounted_attempt_lost_with_the_coordinator_passes() {
+        let (mut jobs, runs, acked, mut crashes) = good();
+        with_undelivered(&mut jobs, &mut crashes);
+        let f = check(&jobs, &runs, &acked, &crashes).unwrap();
+        assert_eq!((f.undelivered, f.accepted_runs), (1, 3));
+    }
+
+    #[test]
+    fn an_uncounted_attempt_without_a_coordinator_crash_is_reported() {
+        fails("was interrupted", |jobs, _, _, crashes| {
+            with_undelivered(jobs, crashes);
+            crashes.pop();
+        });
+    }
+
+    #[test]
+    fn an_uncounted_attempt_not_run_again_is_reported() {
+        fails("not run again", |jobs, _, _, crashes| {
+            with_undelivered(jobs, crashes);
+            jobs[0].attempts[2].number = 2;
+        });
+    }
+
+    #[test]
+    fn an_attempt_gives_its_number_back_only_by_ending_interrupted() {
+        let (jobs, _, _, _) = good();
+        let mut running = jobs[0].clone();
+        running.state = JobState::Running as i32;
+        running.attempts[2].outcome.clear();
+        let mut requeued = running.clone();
+        requeued.state = JobState::Queued as i32;
+        requeued.attempt = 2;
+        requeued.attempts[2].outcome = "interrupted".into();
+        let mut m = Monitor::default();
+        m.observe(std::slice::from_ref(&running), "1");
+        m.observe(std::slice::from_ref(&requeued), "2");
+        assert!(m.violations.is_empty(), "{:?}", m.violations);
+
+        let mut m = Monitor::default();
+        requeued.attempts[2].outcome = "lease_expired".into();
+        m.observe(std::slice::from_ref(&running), "1");
+        m.observe(std::slice::from_ref(&requeued), "2");
+        assert!(
+            m.violations[0].contains("attempt went back"),
+            "{:?}",
+            m.violations
+        );
     }
 
     #[test]

@@ -293,6 +293,12 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
         "the kills hit the clients"
     );
     assert!(across > 0, "the kills hit runs in flight");
+    // No worker restarts here, so a worker never comes back without a lease it got: one it
+    // comes back without was lost with a crash and must not cost the job an attempt.
+    assert_eq!(
+        figures.lost_on_reconnect, 0,
+        "a lease lost with the coordinator cost an attempt: {figures}"
+    );
     assert!(
         monitor.snapshots > COORDINATOR_KILLS,
         "snapshots between the kills"
