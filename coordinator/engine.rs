@@ -62,7 +62,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     /// Cancelled when the store failed.
     failed: CancellationToken,
-    /// The number of the last round whose writes were applied to sled.
+    /// The number of the last round whose writes were applied to sled, or are
+    /// being applied: it is set before the writes are visible to a reader.
     applied: std::sync::atomic::AtomicU64,
     /// The number of the last round whose writes are durable. Reads wait for
     /// it to pass what they saw, so nobody is told of a change before it is
@@ -238,7 +239,7 @@ impl Engine {
         let applied = self
             .shared
             .applied
-            .load(std::sync::atomic::Ordering::Acquire);
+            .load(std::sync::atomic::Ordering::SeqCst);
         let mut durable = self.shared.durable.subscribe();
         tokio::select! {
             r = durable.wait_for(|d| *d >= applied) => r.map(|_| ()).map_err(|_| unavailable()),
@@ -423,15 +424,17 @@ async fn run(
                 round_number += 1;
                 round.number = round_number;
             }
+            // Published before the writes reach sled: ListJobs scans sled without the lock,
+            // and a scan that sees any of these writes must then wait for this round's sync.
+            shared
+                .applied
+                .store(round_number, std::sync::atomic::Ordering::SeqCst);
             if let Err(e) = shared.store.apply(writes) {
                 tracing::error!(error = %e, "store write failed; stopping");
                 fail_round(round, &e.to_string());
                 shared.failed.cancel();
                 break;
             }
-            shared
-                .applied
-                .store(round_number, std::sync::atomic::Ordering::Release);
             round
         };
         if round.effects.is_empty() && !round.dirty {
