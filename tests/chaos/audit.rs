@@ -217,8 +217,13 @@ fn changed_illegally(before: &Job, after: &Job) -> Option<String> {
             .is_some_and(|a| a.outcome == "interrupted");
     if after.attempt + u32::from(gave_back) < before.attempt {
         return Some(format!(
-            "attempt went back from {} to {}",
-            before.attempt, after.attempt
+            "attempt went back from {} to {}: was {:?} {:?}, now {:?} {:?}",
+            before.attempt,
+            after.attempt,
+            before.state(),
+            outcomes(&before.attempts),
+            after.state(),
+            outcomes(&after.attempts)
         ));
     }
     if after.attempts.len() < before.attempts.len() {

@@ -223,9 +223,15 @@ pub fn spawn_snapshots(
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(SNAPSHOT_EVERY) => {}
             }
+            let asked = SystemTime::now();
             if let Ok(jobs) = try_list_all(&client).await {
                 n += 1;
-                monitor.lock().unwrap().observe(&jobs, &n.to_string());
+                let label = format!(
+                    "{n} (asked at {}, answered at {})",
+                    unix_seconds(asked),
+                    unix_seconds(SystemTime::now())
+                );
+                monitor.lock().unwrap().observe(&jobs, &label);
             }
         }
     })

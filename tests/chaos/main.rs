@@ -229,17 +229,20 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     );
     let snapshots = load::spawn_snapshots(&url, monitor.clone(), stop_snapshots.clone());
 
-    // The chaos: up for a random while, kill -9, down for a random while (now and then long
-    // enough for the workers' reconnect backoff to outgrow the lease timeout), restart.
+    // The chaos: up for a random while, kill -9, down for a random while, restart. Now and
+    // then the outage is long enough for the workers' reconnect backoff to outgrow the lease
+    // timeout, so that leases expire, the late workers' runs are fenced off, and their results
+    // arrive stale.
     let mut crashes = Vec::new();
     for _ in 0..COORDINATOR_KILLS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
         let down = SystemTime::now();
         tokio::task::block_in_place(|| coord.kill9());
-        let down_for = if rng.gen_bool(0.25) {
-            rng.gen_range(1000..3000)
-        } else {
-            rng.gen_range(0..400)
+        eprintln!("coordinator killed at {}", runlog::unix_seconds(down));
+        let down_for = match rng.gen_range(0..100) {
+            0..=64 => rng.gen_range(0..400),
+            65..=89 => rng.gen_range(1000..3000),
+            _ => rng.gen_range(4000..6000),
         };
         tokio::time::sleep(Duration::from_millis(down_for)).await;
         tokio::task::block_in_place(|| coord.restart());
