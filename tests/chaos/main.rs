@@ -39,6 +39,10 @@ use runlog::OrphanGuard;
 const COORDINATOR_KILLS: usize = 22;
 /// Worker kills in the second run.
 const WORKER_KILLS: usize = 24;
+/// The command workers of the coordinator run.
+const WORKER_IDS: [&str; 2] = ["w1", "w2"];
+/// Every this many coordinator kills, a worker is frozen across the restart.
+const FREEZE_EVERY: usize = 5;
 /// Short, so lost leases end fast.
 const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
 const COORDINATOR_FLAGS: &[&str] = &["--lease-timeout", "2s", "--heartbeat-interval", "200ms"];
@@ -209,12 +213,12 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     let url = coord.url();
 
     let scheduled_at = put_schedule(&url).await;
-    let _workers: Vec<Worker> = ["w1", "w2"]
+    let workers: Vec<Worker> = WORKER_IDS
         .iter()
         .map(|id| Worker::start(&url, &load::worker_config(id, 4, &log), dir.path()))
         .collect();
     let (sdk, sdk_handle) = load::spawn_sdk_worker(&url, &log);
-    for id in ["w1", "w2", SDK_WORKER] {
+    for id in WORKER_IDS.into_iter().chain([SDK_WORKER]) {
         wait_worker_connected(&url, id).await;
     }
     let acked = Arc::new(Acked::default());
@@ -231,11 +235,19 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
 
     // The chaos: up for a random while, kill -9, down for a random while, restart. Now and
     // then the outage is long enough for the workers' reconnect backoff to outgrow the lease
-    // timeout, so that leases expire, the late workers' runs are fenced off, and their results
-    // arrive stale.
+    // timeout. And every few kills one worker is frozen (SIGSTOP) across the restart until
+    // its restored leases have expired: its runs are fenced off, and it comes back holding
+    // results for leases that are no longer its own.
+    let admin = common::admin_client(&url).await;
     let mut crashes = Vec::new();
-    for _ in 0..COORDINATOR_KILLS {
+    let mut frozen = 0;
+    for k in 0..COORDINATOR_KILLS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
+        let freeze = (k % FREEZE_EVERY == FREEZE_EVERY - 1).then(|| {
+            let i = rng.gen_range(0..workers.len());
+            workers[i].signal(libc::SIGSTOP);
+            i
+        });
         let down = SystemTime::now();
         tokio::task::block_in_place(|| coord.kill9());
         eprintln!("coordinator killed at {}", runlog::unix_seconds(down));
@@ -250,6 +262,25 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
             down,
             up: SystemTime::now(),
         });
+        if let Some(i) = freeze {
+            let id = WORKER_IDS[i];
+            let held = wait_until(common::BOUND, "the frozen worker's leases expired", || {
+                let admin = admin.clone();
+                async move {
+                    let listed = admin
+                        .clone()
+                        .list_workers(rota::proto::ListWorkersRequest {})
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .workers;
+                    listed.iter().all(|w| w.worker_id != id).then_some(())
+                }
+            });
+            held.await;
+            frozen += 1;
+            workers[i].signal(libc::SIGCONT);
+        }
     }
     let chaos_secs = began.elapsed().as_secs_f64();
 
@@ -280,7 +311,7 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     let figures = audit_or_panic(&jobs, &evidence, &monitor);
     let across = runs_across_kills(&runs, &jobs, &crashes);
     eprintln!(
-        "coordinator chaos: {} kill -9s in {chaos_secs:.1}s, {:.1}s in all; {} keys acknowledged \
+        "coordinator chaos: {} kill -9s ({frozen} with a worker frozen across the restart) in {chaos_secs:.1}s, {:.1}s in all; {} keys acknowledged \
          ({} submit errors retried, {} answered deduplicated); {} snapshots; {figures}; {across} \
          accepted runs were in flight across a kill",
         crashes.len(),
