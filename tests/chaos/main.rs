@@ -22,14 +22,16 @@ use std::time::{Duration, Instant, SystemTime};
 use common::{wait_until, wait_worker_connected, Coordinator, Worker};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rota::proto::admin_service_client::AdminServiceClient;
 use rota::proto::job_service_client::JobServiceClient;
 use rota::proto::schedule_service_client::ScheduleServiceClient;
 use rota::proto::{
-    schedule_spec, IntervalAnchor, IntervalSpec, Job, JobState, MisfirePolicy, OverlapPolicy,
-    PauseScheduleRequest, PutScheduleRequest, Schedule, ScheduleSpec,
+    schedule_spec, IntervalAnchor, IntervalSpec, Job, JobState, ListWorkersRequest, MisfirePolicy,
+    OverlapPolicy, PauseScheduleRequest, PutScheduleRequest, Schedule, ScheduleSpec,
 };
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use audit::{Crash, Evidence, Figures, Mode, Monitor};
 use load::{Acked, CMD, SDK_WORKER};
@@ -114,8 +116,20 @@ fn audit_or_panic(jobs: &[Job], evidence: &Evidence<'_>, monitor: &Monitor) -> F
     };
     if !violations.is_empty() {
         let shown: Vec<&String> = violations.iter().take(40).collect();
+        let kills: Vec<String> = evidence
+            .crashes
+            .iter()
+            .map(|c| match c {
+                Crash::Coordinator { down, up } => format!(
+                    "coordinator down {} up {}",
+                    runlog::unix_seconds(*down),
+                    runlog::unix_seconds(*up)
+                ),
+                Crash::Worker { id, at } => format!("{id} at {}", runlog::unix_seconds(*at)),
+            })
+            .collect();
         panic!(
-            "{} violations (first {}):\n{}",
+            "{} violations (first {}):\n{}\nkills: {kills:?}",
             violations.len(),
             shown.len(),
             shown
@@ -137,6 +151,25 @@ async fn kill_leftover_runs(orphans: &OrphanGuard) -> usize {
     })
     .await;
     leftover
+}
+
+/// A command worker of the coordinator run that holds leases now, if one does within a
+/// few seconds (the one to freeze, so that the freeze fences runs off).
+async fn busy_worker(admin: &AdminServiceClient<Channel>) -> Option<usize> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(r) = admin.clone().list_workers(ListWorkersRequest {}).await {
+            let busy = r.into_inner().workers.into_iter().find_map(|w| {
+                let i = WORKER_IDS.iter().position(|id| *id == w.worker_id)?;
+                (!w.running.is_empty()).then_some(i)
+            });
+            if busy.is_some() {
+                return busy;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 /// Accepted runs that were in flight while a coordinator was killed: the work a restart must
@@ -243,14 +276,17 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     let mut frozen = 0;
     for k in 0..COORDINATOR_KILLS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
-        let freeze = (k % FREEZE_EVERY == FREEZE_EVERY - 1).then(|| {
-            let i = rng.gen_range(0..workers.len());
+        let freeze = if k % FREEZE_EVERY == FREEZE_EVERY - 1 {
+            let i = busy_worker(&admin)
+                .await
+                .unwrap_or_else(|| rng.gen_range(0..workers.len()));
             workers[i].signal(libc::SIGSTOP);
-            i
-        });
+            Some(i)
+        } else {
+            None
+        };
         let down = SystemTime::now();
         tokio::task::block_in_place(|| coord.kill9());
-        eprintln!("coordinator killed at {}", runlog::unix_seconds(down));
         let down_for = match rng.gen_range(0..100) {
             0..=64 => rng.gen_range(0..400),
             65..=89 => rng.gen_range(1000..3000),
@@ -269,7 +305,7 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
                 async move {
                     let listed = admin
                         .clone()
-                        .list_workers(rota::proto::ListWorkersRequest {})
+                        .list_workers(ListWorkersRequest {})
                         .await
                         .ok()?
                         .into_inner()
@@ -332,6 +368,10 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
     assert_eq!(
         figures.lost_on_reconnect, 0,
         "a lease lost with the coordinator cost an attempt: {figures}"
+    );
+    assert!(
+        figures.fenced_finished + figures.fenced_killed > 0,
+        "the frozen workers' runs were fenced off: {figures}"
     );
     assert!(
         monitor.snapshots > COORDINATOR_KILLS,
@@ -428,6 +468,10 @@ async fn worker_kill_9_under_load_loses_nothing_and_counts_each_attempt() {
     assert_eq!(crashes.len(), WORKER_KILLS);
     let lost = figures.fenced_finished + figures.fenced_killed + figures.lost_before_run;
     assert!(lost > 0, "the kills cost some attempts: {figures}");
+    assert!(
+        figures.lost_on_reconnect > 0,
+        "a worker restarted under its old id gave its old leases up at once: {figures}"
+    );
     assert!(
         figures.by_state.get(&format!("{:?}", JobState::Succeeded)) > Some(&0),
         "jobs still succeed: {figures}"
