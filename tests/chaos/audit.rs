@@ -22,7 +22,7 @@ const CLOCK_SLACK: Duration = Duration::from_millis(20);
 
 /// How soon after a worker's death the coordinator has seen its stream end (the kernel
 /// closes the dead process's sockets at once); until then it may still lease it jobs.
-const DEATH_NOTICED_WITHIN: Duration = Duration::from_secs(1);
+const DEATH_NOTICED_WITHIN: Duration = Duration::from_secs(2);
 
 /// What a chaos job does, from the first word of its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -173,7 +173,8 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Checks one complete listing of every job against the earlier ones.
+    /// Checks one complete listing of every job against the earlier ones. Listings must be
+    /// handed over in the order they were read (one reader at a time).
     pub fn observe(&mut self, jobs: &[Job], label: &str) {
         self.snapshots += 1;
         let listed: BTreeSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();

@@ -1,8 +1,10 @@
 //! Chaos runs against the real binaries: under mixed load (clients submitting with
 //! idempotency keys and retrying every error, command and SDK workers whose jobs succeed,
 //! fail retryably or fail permanently, a schedule firing every second), the coordinator is
-//! `kill -9`ed and restarted at random moments, or the workers are. Afterwards every
-//! acknowledged job, every run and every schedule fire is accounted for (see [`audit`]).
+//! `kill -9`ed and restarted at random moments (now and then with a worker frozen across the
+//! restart, so that its leases expire under it), or the workers are `kill -9`ed and restarted.
+//! Afterwards every acknowledged job, every run and every schedule fire is accounted for (see
+//! [`audit`]).
 //!
 //! The moments are drawn from a seeded RNG; the seed is printed, and `ROTA_CHAOS_SEED=N`
 //! replays the same plan (the processes' own timing still varies from run to run).
@@ -45,9 +47,10 @@ const WORKER_KILLS: usize = 24;
 const WORKER_IDS: [&str; 2] = ["w1", "w2"];
 /// Every this many coordinator kills, a worker is frozen across the restart.
 const FREEZE_EVERY: usize = 5;
-/// Short, so lost leases end fast.
-const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
-const COORDINATOR_FLAGS: &[&str] = &["--lease-timeout", "2s", "--heartbeat-interval", "200ms"];
+/// Short, so lost leases end fast; still fifteen heartbeats, so that a loaded machine does not
+/// lose a live worker.
+const LEASE_TIMEOUT: Duration = Duration::from_secs(3);
+const COORDINATOR_FLAGS: &[&str] = &["--lease-timeout", "3s", "--heartbeat-interval", "200ms"];
 /// Concurrent submitting clients.
 const CLIENTS: u64 = 3;
 /// Bound on the load settling once the kills stop (every job finished).
@@ -322,9 +325,11 @@ async fn coordinator_kill_9_under_load_loses_and_repeats_nothing() {
 
     let acked_jobs = stop_clients(stop_clients_token, clients, &acked).await;
     let paused_at = pause_schedule(&url).await;
-    let jobs = settled_jobs(&url, &monitor).await;
+    // One reader at a time from here, so the monitor sees the listings in the order they
+    // were read.
     stop_snapshots.cancel();
     snapshots.await.unwrap();
+    let jobs = settled_jobs(&url, &monitor).await;
     sdk_handle.drain();
     let summary = tokio::time::timeout(common::BOUND, sdk)
         .await
@@ -433,9 +438,9 @@ async fn worker_kill_9_under_load_loses_nothing_and_counts_each_attempt() {
     let chaos_secs = began.elapsed().as_secs_f64();
 
     let acked_jobs = stop_clients(stop_clients_token, clients, &acked).await;
-    let jobs = settled_jobs(&url, &monitor).await;
     stop_snapshots.cancel();
     snapshots.await.unwrap();
+    let jobs = settled_jobs(&url, &monitor).await;
     sdk_handle.drain();
     let summary = tokio::time::timeout(common::BOUND, sdk)
         .await
