@@ -268,6 +268,9 @@ fn retry_policy(field: &str, policy: Option<RetryPolicy>) -> Result<RetryPolicy,
 }
 
 #[cfg(test)]
+pub(crate) mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
