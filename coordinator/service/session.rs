@@ -370,6 +370,14 @@ async fn read(
                 if let Some(refusal) = message_size::refusal(&e) {
                     return Err(refusal);
                 }
+                // Bytes that are not a WorkerMessage (tonic's decode errors are
+                // INTERNAL) end the session with that status; a broken
+                // connection (an h2 error) just ends it.
+                if e.code() == tonic::Code::Internal
+                    && !e.message().starts_with("h2 protocol error")
+                {
+                    return Err(e);
+                }
                 tracing::debug!(worker = %worker_id, error = %e, "session stream error");
                 return Ok(());
             }
