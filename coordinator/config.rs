@@ -403,6 +403,58 @@ mod tests {
     }
 
     #[test]
+    fn limits_have_defaults_and_are_checked() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.max_message_size, 16 << 20);
+        // A payload limit that needs more raises the default message size.
+        let big = Settings {
+            max_payload: Some("8MiB".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            big.resolve().unwrap().limits.max_message_size,
+            min_message_size(8 << 20)
+        );
+        // Set explicitly below the minimum: refused, naming both settings.
+        let small = Settings {
+            max_message_size: Some("1MiB".into()),
+            ..Default::default()
+        };
+        let e = small.resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("max_message_size: is 1048576 bytes; it must be at least 12582912")
+                && e.contains("max_payload"),
+            "{e}"
+        );
+        let file: Settings = toml::from_str(
+            "max_message_size = \"32MiB\"\nmax_workers = 5\nworker_flood_rate = 3\n\
+             worker_flood_burst = 4\nworker_bad_messages = 6\nmax_concurrent_streams = 7",
+        )
+        .unwrap();
+        let l = Settings::default().merge(file).resolve().unwrap().limits;
+        assert_eq!(
+            l,
+            Limits {
+                max_message_size: 32 << 20,
+                max_concurrent_streams: 7,
+                max_workers: 5,
+                worker_flood_rate: 3,
+                worker_flood_burst: 4,
+                worker_bad_messages: 6,
+            }
+        );
+        let zero = Settings {
+            max_workers: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            zero.resolve().unwrap_err().to_string(),
+            "max_workers: must be at least 1"
+        );
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_bad_values() {
         let e = toml::from_str::<Settings>("lease_timout = \"1s\"").unwrap_err();
         assert!(e.to_string().contains("lease_timout"));

@@ -31,7 +31,7 @@ struct Cli {
     /// How often workers heartbeat [default: 5s].
     #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL")]
     heartbeat_interval: Option<String>,
-    /// Largest job payload [default: 1MiB].
+    /// Largest job payload, and largest result a worker may report [default: 1MiB].
     #[arg(long, env = "ROTA_MAX_PAYLOAD")]
     max_payload: Option<String>,
     /// shutdown_grace of jobs that do not set one [default: 30s].
