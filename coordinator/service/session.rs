@@ -248,6 +248,14 @@ impl Outbound {
     }
 }
 
+impl Drop for Outbound {
+    /// The response stream is gone (the call ended or the client left): the
+    /// reader stops too, and the session's permit is released.
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerService for Sessions {
     type SessionStream = SessionStream;
