@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
     let timezone = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
     let at = instant(parts.next().unwrap_or_default());
     let spec = ScheduleSpec {
-        kind: Some(schedule_spec::Kind::Cron(CronSpec { expression, timezone })),
+        kind: Some(schedule_spec::Kind::Cron(CronSpec {
+            expression,
+            timezone,
+        })),
     };
     match Spec::parse("spec", Some(&spec)) {
         Ok(s) => {

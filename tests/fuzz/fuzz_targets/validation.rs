@@ -7,13 +7,16 @@
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use rota::coordinator::error::Error;
-use rota::proto::{Hello, SubmitJobRequest, SubmitJobsRequest, Schedule};
+use rota::proto::{Hello, Schedule, SubmitJobRequest, SubmitJobsRequest};
 
 fn named(r: Result<(), Error>, prefix: &str) {
     match r {
         Ok(()) => {}
         Err(Error::InvalidArgument(m)) => {
-            assert!(m.starts_with(prefix), "{m:?} does not start with {prefix:?}");
+            assert!(
+                m.starts_with(prefix),
+                "{m:?} does not start with {prefix:?}"
+            );
             assert!(m.len() < 4096, "an error of {} bytes", m.len());
         }
         Err(other) => panic!("not INVALID_ARGUMENT: {other:?}"),
@@ -23,7 +26,10 @@ fn named(r: Result<(), Error>, prefix: &str) {
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = SubmitJobRequest::decode(data) {
         if let Some(job) = req.job {
-            named(rota::coordinator::validate::new_job("job", job, 1 << 10).map(drop), "job.");
+            named(
+                rota::coordinator::validate::new_job("job", job, 1 << 10).map(drop),
+                "job.",
+            );
         }
     }
     if let Ok(req) = SubmitJobsRequest::decode(data) {
@@ -40,7 +46,8 @@ fuzz_target!(|data: &[u8]| {
             rota::coordinator::schedule::check::new_schedule("schedule", schedule, 1 << 10);
         if let Ok((_, spec)) = &checked {
             // A checked spec computes fire times from any instant without panicking.
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(data.len() as u64 * 7919);
+            let t =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(data.len() as u64 * 7919);
             if let Some(next) = spec.next_after(t) {
                 assert!(next > t);
             }
@@ -50,6 +57,9 @@ fuzz_target!(|data: &[u8]| {
         named(checked.map(drop), "schedule.");
     }
     if let Ok(hello) = Hello::decode(data) {
-        named(rota::coordinator::service::session::check_hello(&hello), "hello.");
+        named(
+            rota::coordinator::service::session::check_hello(&hello),
+            "hello.",
+        );
     }
 });
