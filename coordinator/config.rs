@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::coordinator::retention::{Keep, Retention, DEFAULT_RETENTION};
+
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -59,6 +61,8 @@ pub struct Config {
     pub cache_bytes: u64,
     /// Schedules declared in the config file, checked.
     pub schedules: Vec<crate::proto::Schedule>,
+    /// How long finished jobs are kept, per terminal state.
+    pub retention: Retention,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             default_shutdown_grace: Duration::from_secs(30),
             cache_bytes: 256 << 20,
             schedules: Vec::new(),
+            retention: Retention::default(),
         }
     }
 }
@@ -96,6 +101,16 @@ pub struct Settings {
     pub cache_size: Option<String>,
     /// `[[schedules]]`, config file only.
     pub schedules: Option<Vec<crate::coordinator::declared::DeclaredSchedule>>,
+    /// `--retention` / `ROTA_RETENTION` / `retention`: every terminal state.
+    pub retention: Option<String>,
+    /// `--retention-succeeded` / `ROTA_RETENTION_SUCCEEDED` / `retention_succeeded`.
+    pub retention_succeeded: Option<String>,
+    /// `--retention-failed` / `ROTA_RETENTION_FAILED` / `retention_failed`.
+    pub retention_failed: Option<String>,
+    /// `--retention-cancelled` / `ROTA_RETENTION_CANCELLED` / `retention_cancelled`.
+    pub retention_cancelled: Option<String>,
+    /// `--retention-expired` / `ROTA_RETENTION_EXPIRED` / `retention_expired`.
+    pub retention_expired: Option<String>,
 }
 
 impl Settings {
@@ -124,12 +139,18 @@ impl Settings {
                 .or(fallback.default_shutdown_grace),
             cache_size: self.cache_size.or(fallback.cache_size),
             schedules: self.schedules.or(fallback.schedules),
+            retention: self.retention.or(fallback.retention),
+            retention_succeeded: self.retention_succeeded.or(fallback.retention_succeeded),
+            retention_failed: self.retention_failed.or(fallback.retention_failed),
+            retention_cancelled: self.retention_cancelled.or(fallback.retention_cancelled),
+            retention_expired: self.retention_expired.or(fallback.retention_expired),
         }
     }
 
     /// The final config: parsed, checked, defaults for what is unset.
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let d = Config::default();
+        let retention = self.resolve_retention()?;
         let listen = match self.listen {
             Some(s) => s.parse().map_err(|e| ConfigError::Invalid {
                 setting: "listen",
@@ -188,6 +209,7 @@ impl Settings {
             )?,
             cache_bytes: size("cache_size", self.cache_size, d.cache_bytes)?,
             schedules,
+            retention,
         };
         if config.lease_timeout.is_zero() {
             return Err(ConfigError::Invalid {
@@ -212,6 +234,26 @@ impl Settings {
             });
         }
         Ok(config)
+    }
+}
+
+impl Settings {
+    /// `retention` for every terminal state, each `retention_<state>` over it.
+    fn resolve_retention(&self) -> Result<Retention, ConfigError> {
+        let keep = |setting: &'static str, v: &Option<String>, default: Keep| match v {
+            Some(s) => Keep::parse(s).map_err(|e| ConfigError::Invalid {
+                setting,
+                message: e.to_string(),
+            }),
+            None => Ok(default),
+        };
+        let all = keep("retention", &self.retention, Keep::For(DEFAULT_RETENTION))?;
+        Ok(Retention {
+            succeeded: keep("retention_succeeded", &self.retention_succeeded, all)?,
+            failed: keep("retention_failed", &self.retention_failed, all)?,
+            cancelled: keep("retention_cancelled", &self.retention_cancelled, all)?,
+            expired: keep("retention_expired", &self.retention_expired, all)?,
+        })
     }
 }
 
@@ -247,6 +289,44 @@ mod tests {
         assert_eq!(c.max_payload, 2048);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
+    }
+
+    #[test]
+    fn retention_per_state_overrides_the_general_one_and_flags_win() {
+        let d = Settings::default().resolve().unwrap().retention;
+        assert_eq!(d, Retention::uniform(Keep::For(DEFAULT_RETENTION)));
+        let file: Settings = toml::from_str(
+            "retention = \"30d\"\nretention_failed = \"forever\"\nretention_succeeded = \"1h\"",
+        )
+        .unwrap();
+        let cli = Settings {
+            retention_succeeded: Some("10m".into()),
+            retention_expired: Some("2s".into()),
+            ..Default::default()
+        };
+        let r = cli.merge(file).resolve().unwrap().retention;
+        assert_eq!(
+            r.succeeded,
+            Keep::For(Duration::from_secs(600)),
+            "flag over file"
+        );
+        assert_eq!(r.failed, Keep::Forever, "file's per-state key");
+        assert_eq!(
+            r.cancelled,
+            Keep::For(Duration::from_secs(30 * 86400)),
+            "file's general key"
+        );
+        assert_eq!(r.expired, Keep::For(Duration::from_secs(2)));
+        for (field, value) in [("retention", "0s"), ("retention_cancelled", "soon")] {
+            let mut bad = Settings::default();
+            match field {
+                "retention" => bad.retention = Some(value.into()),
+                _ => bad.retention_cancelled = Some(value.into()),
+            }
+            let e = bad.resolve().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+            assert!(e.contains(value), "{e}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! changes durable (group commit).
 //!
 //! Requests become [`Command`]s on a channel. The engine task takes every
-//! command waiting, lets the [`State`] decide them, fires due timers, dispatches
+//! command waiting, lets the [`State`] decide them, fires due timers, deletes
+//! at most one chunk of finished jobs whose retention has passed, dispatches
 //! ready jobs, applies the resulting record writes to sled as one atomic batch,
 //! and hands the round to the sync thread. The sync thread gathers every round
 //! that arrived while it was busy, makes them durable with one flush and one
@@ -25,7 +26,7 @@ use crate::coordinator::clock::Clock;
 use crate::coordinator::error::Error;
 use crate::coordinator::ids::JobId;
 use crate::coordinator::schedule::spec::Spec;
-use crate::coordinator::state::{Effect, Round, State};
+use crate::coordinator::state::{Effect, Round, State, SWEEP_CHUNK};
 use crate::coordinator::store::Store;
 use crate::proto::{self, CoordinatorMessage, Hello, Job, Schedule, SubmitJobResponse};
 
@@ -408,12 +409,14 @@ async fn run(
             _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
         }
         let now = shared.clock.now();
-        let round = {
+        let (round, swept) = {
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             for cmd in commands.drain(..) {
                 decide(&mut state, cmd, now, &shared.store);
             }
             state.fire_due(now);
+            // A bounded chunk of deletions per round: commands wait at most one chunk.
+            let swept = state.sweep(now, &shared.store);
             state.dispatch(now);
             let mut round = state.take_round();
             // Applied under the lock, so readers never see the model ahead of sled.
@@ -432,13 +435,18 @@ async fn run(
             shared
                 .applied
                 .store(round_number, std::sync::atomic::Ordering::Release);
-            round
+            (round, swept)
         };
         if round.effects.is_empty() && !round.dirty {
             continue;
         }
         if sync_tx.send(round).is_err() {
             break;
+        }
+        if swept == SWEEP_CHUNK {
+            // A backlog of deletions: let the request handlers on this thread
+            // run before the next chunk.
+            tokio::task::yield_now().await;
         }
     }
     // End every session and watch stream (their leases stay stored), answer
@@ -543,6 +551,7 @@ mod tests {
             lease_timeout: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             default_shutdown_grace: Duration::from_secs(30),
+            retention: Default::default(),
         };
         let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
         let stop = CancellationToken::new();
@@ -572,6 +581,87 @@ mod tests {
         assert_eq!(engine.store_handle().sync_count() - before, 1);
         stop.cancel();
         task.wait().await;
+    }
+
+    #[tokio::test]
+    async fn a_backlog_of_deletions_is_swept_in_bounded_rounds_and_survives_reopen() {
+        use crate::coordinator::record::JobRecord;
+        use crate::coordinator::retention::{Keep, Retention};
+        use crate::coordinator::store::Writes;
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * SWEEP_CHUNK + 7;
+        let ended = SystemTime::now() - Duration::from_secs(3600);
+        {
+            // Finished an hour ago, each with an idempotency key.
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut w = Writes::default();
+            for i in 0..n {
+                let id = JobId::generate();
+                let key = format!("key-{i}");
+                w.put_job(&JobRecord {
+                    job: Job {
+                        id: id.to_string(),
+                        kind: "k".into(),
+                        queue: "default".into(),
+                        state: JobState::Succeeded as i32,
+                        end_time: Some(ended.into()),
+                        idempotency_key: key.clone(),
+                        ..Default::default()
+                    },
+                    lease: None,
+                });
+                w.put_idempotency(&key, id);
+            }
+            store.apply(w).unwrap();
+            store.sync().unwrap();
+        }
+        let store = Arc::new(Store::reopen_for_test(dir.path()));
+        let settings = Settings {
+            lease_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            default_shutdown_grace: Duration::from_secs(30),
+            retention: Retention::uniform(Keep::For(Duration::from_secs(60))),
+        };
+        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
+        assert_eq!(state.sweep_pending(), n);
+        let stop = CancellationToken::new();
+        let (engine, task) =
+            Engine::start(state, store.clone(), Arc::new(SystemClock), stop.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.scan_jobs(None).next().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog was not swept within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let rounds = engine
+            .shared
+            .applied
+            .load(std::sync::atomic::Ordering::Acquire);
+        assert!(
+            rounds as usize >= n.div_ceil(SWEEP_CHUNK),
+            "{n} deletions in {rounds} rounds: more than {SWEEP_CHUNK} per round"
+        );
+        let syncs = store.sync_count();
+        assert!(
+            syncs <= rounds && syncs < (n / 10) as u64,
+            "{n} deletions took {syncs} syncs: group-committed, never one per job"
+        );
+        // A key of a deleted job makes a new job.
+        let mut keyed = job(0);
+        keyed.idempotency_key = "key-0".into();
+        let r = engine.submit(vec![keyed]).await.unwrap();
+        assert!(!r[0].deduplicated);
+        engine.durable_now().await.unwrap();
+        stop.cancel();
+        task.wait().await;
+        drop(engine);
+        drop(store);
+        let store = Store::reopen_for_test(dir.path());
+        let snap = store.snapshot().unwrap();
+        assert_eq!(snap.jobs.len(), 1, "the deletions were durable");
+        assert_eq!(snap.idempotency.len(), 1);
     }
 
     #[tokio::test]

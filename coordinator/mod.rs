@@ -17,6 +17,7 @@ pub mod error;
 pub mod ids;
 pub mod ready;
 pub mod record;
+pub mod retention;
 pub mod schedule;
 pub mod service;
 pub mod state;
@@ -109,6 +110,7 @@ impl Coordinator {
             lease_timeout: config.lease_timeout,
             heartbeat_interval: config.heartbeat_interval,
             default_shutdown_grace: config.default_shutdown_grace,
+            retention: config.retention,
         };
         let mut state = State::restore(settings, snapshot, clock.now());
         // Declared schedules: created or updated now, durably, before serving.
@@ -133,7 +135,7 @@ impl Coordinator {
         for effect in round.effects {
             effect(Ok(()));
         }
-        tracing::info!(jobs, dir = %config.data_dir.display(), "store opened");
+        tracing::info!(jobs, awaiting_deletion = state.sweep_pending(), dir = %config.data_dir.display(), "store opened");
         Ok(Coordinator {
             config,
             store: Arc::new(store),
