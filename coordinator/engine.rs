@@ -3,8 +3,8 @@
 //!
 //! Requests become [`Command`]s on a channel. The engine task takes every
 //! command waiting, lets the [`State`] decide them, fires due timers, deletes
-//! at most one chunk of finished jobs whose retention has passed, dispatches
-//! ready jobs, applies the resulting record writes to sled as one atomic batch,
+//! at most one chunk of finished jobs whose retention has passed (and only
+//! once the previous chunk is durable), dispatches ready jobs, applies the resulting record writes to sled as one atomic batch,
 //! and hands the round to the sync thread. The sync thread gathers every round
 //! that arrived while it was busy, makes them durable with one flush and one
 //! fsync, and only then runs their effects (replies, `Assign` messages, watch
@@ -26,7 +26,7 @@ use crate::coordinator::clock::Clock;
 use crate::coordinator::error::Error;
 use crate::coordinator::ids::JobId;
 use crate::coordinator::schedule::spec::Spec;
-use crate::coordinator::state::{Effect, Round, State, SWEEP_CHUNK};
+use crate::coordinator::state::{Effect, Round, State};
 use crate::coordinator::store::Store;
 use crate::proto::{self, CoordinatorMessage, Hello, Job, Schedule, SubmitJobResponse};
 
@@ -391,13 +391,26 @@ async fn run(
         .expect("spawning the sync thread");
     let mut commands = Vec::with_capacity(64);
     let mut round_number = 0u64;
+    let mut durable_rx = shared.durable.subscribe();
+    // The round of the last deletions. The next chunk waits until it is
+    // durable, so a sync (which the replies of its rounds wait for) never
+    // carries more than one chunk of deletions.
+    let mut sweep_round = 0u64;
     loop {
         let now = shared.clock.now();
-        let next = shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_due();
+        let sweep_open = *durable_rx.borrow_and_update() >= sweep_round;
+        let next = {
+            let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let deletion = if sweep_open {
+                state.next_deletion()
+            } else {
+                None
+            };
+            match (state.next_timer(), deletion) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
         let sleep = next.map(|t| t.duration_since(now).unwrap_or(Duration::ZERO));
         tokio::select! {
             biased;
@@ -406,17 +419,25 @@ async fn run(
             n = rx.recv_many(&mut commands, MAX_COMMANDS_PER_ROUND) => {
                 if n == 0 { break; }
             }
+            r = durable_rx.changed(), if !sweep_open => {
+                if r.is_err() { break; }
+            }
             _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
         }
         let now = shared.clock.now();
-        let (round, swept) = {
+        let round = {
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             for cmd in commands.drain(..) {
                 decide(&mut state, cmd, now, &shared.store);
             }
             state.fire_due(now);
-            // A bounded chunk of deletions per round: commands wait at most one chunk.
-            let swept = state.sweep(now, &shared.store);
+            // At most one chunk of deletions per round, and only once the
+            // previous chunk is durable: a backlog never holds dispatch up.
+            let swept = if *shared.durable.borrow() >= sweep_round {
+                state.sweep(now, &shared.store)
+            } else {
+                0
+            };
             state.dispatch(now);
             let mut round = state.take_round();
             // Applied under the lock, so readers never see the model ahead of sled.
@@ -425,6 +446,9 @@ async fn run(
             if round.dirty {
                 round_number += 1;
                 round.number = round_number;
+            }
+            if swept > 0 {
+                sweep_round = round_number;
             }
             if let Err(e) = shared.store.apply(writes) {
                 tracing::error!(error = %e, "store write failed; stopping");
@@ -435,18 +459,13 @@ async fn run(
             shared
                 .applied
                 .store(round_number, std::sync::atomic::Ordering::Release);
-            (round, swept)
+            round
         };
         if round.effects.is_empty() && !round.dirty {
             continue;
         }
         if sync_tx.send(round).is_err() {
             break;
-        }
-        if swept == SWEEP_CHUNK {
-            // A backlog of deletions: let the request handlers on this thread
-            // run before the next chunk.
-            tokio::task::yield_now().await;
         }
     }
     // End every session and watch stream (their leases stay stored), answer
@@ -542,7 +561,7 @@ fn run_effects(effects: Vec<Effect>, r: Result<(), &str>) {
 mod tests {
     use super::*;
     use crate::coordinator::clock::SystemClock;
-    use crate::coordinator::state::Settings;
+    use crate::coordinator::state::{Settings, SWEEP_CHUNK};
     use crate::proto::JobState;
 
     fn start(dir: &std::path::Path) -> (Engine, EngineTask, CancellationToken) {
@@ -645,8 +664,12 @@ mod tests {
         );
         let syncs = store.sync_count();
         assert!(
-            syncs <= rounds && syncs < (n / 10) as u64,
+            syncs < (n / 10) as u64,
             "{n} deletions took {syncs} syncs: group-committed, never one per job"
+        );
+        assert!(
+            syncs as usize >= n.div_ceil(SWEEP_CHUNK),
+            "{syncs} syncs for {n} deletions: a chunk went out before the previous one was durable"
         );
         // A key of a deleted job makes a new job.
         let mut keyed = job(0);

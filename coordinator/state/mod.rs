@@ -256,7 +256,7 @@ impl State {
             let s = rec.state();
             state.stats.moved(&rec.job.queue, JobState::Unspecified, s);
             if is_terminal(s) {
-                state.note_finished(&rec.job, now);
+                state.note_finished(rec.id(), &rec.job, now);
                 continue;
             }
             let id = rec.id();
@@ -319,11 +319,20 @@ impl State {
 
     /// When the earliest timer (or deletion) is due.
     pub fn next_due(&self) -> Option<SystemTime> {
-        let timer = self.due.first().map(|(t, _)| *t);
-        match (timer, self.sweep.next_due()) {
+        match (self.next_timer(), self.next_deletion()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// When the earliest timer is due.
+    pub fn next_timer(&self) -> Option<SystemTime> {
+        self.due.first().map(|(t, _)| *t)
+    }
+
+    /// When the earliest deletion of a finished job is due.
+    pub fn next_deletion(&self) -> Option<SystemTime> {
+        self.sweep.next_due()
     }
 
     /// Stores a job after a change: counts, record write, watchers; a finished
@@ -347,7 +356,7 @@ impl State {
                 .job
                 .create_time
                 .and_then(|t| SystemTime::try_from(t).ok());
-            self.note_finished(&live.rec.job, created.unwrap_or(SystemTime::UNIX_EPOCH));
+            self.note_finished(id, &live.rec.job, created.unwrap_or(SystemTime::UNIX_EPOCH));
             if let Some(watchers) = self.watchers.remove(&id) {
                 let job = live.rec.job.clone();
                 self.after_commit(Box::new(move |r| {

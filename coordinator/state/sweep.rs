@@ -29,14 +29,11 @@ fn end_time(job: &Job) -> Option<SystemTime> {
 }
 
 impl State {
-    /// Enters a finished job into the sweep index (unless its state is kept
-    /// for ever). `fallback` stands in for a missing `end_time`.
-    pub(super) fn note_finished(&mut self, job: &Job, fallback: SystemTime) {
+    /// Enters finished job `id` into the sweep index (unless its state is
+    /// kept for ever). `fallback` stands in for a missing `end_time`.
+    pub(super) fn note_finished(&mut self, id: JobId, job: &Job, fallback: SystemTime) {
         let end = end_time(job).unwrap_or(fallback);
-        if let (Some(at), Ok(id)) = (
-            self.settings.retention.due(job.state(), end),
-            JobId::parse(&job.id),
-        ) {
+        if let Some(at) = self.settings.retention.due(job.state(), end) {
             self.sweep.insert(at, id);
         }
     }
