@@ -60,6 +60,12 @@ enum Cmd {
     Retention {
         #[arg(long, default_value_t = 1_000_000)]
         jobs: usize,
+        /// Retention while the first N run (`forever`: no deletion index, for comparing memory).
+        #[arg(long, default_value = "1h")]
+        kept: String,
+        /// Stop after the first N ran (their size and memory).
+        #[arg(long)]
+        kept_only: bool,
     },
     /// (internal) A no-op SDK worker process.
     #[command(hide = true)]
@@ -103,7 +109,11 @@ async fn main() -> Result<()> {
         Cmd::Depth { deep } => workloads::depth(deep).await,
         Cmd::Schedules { schedules, seconds } => workloads::schedules(schedules, seconds).await,
         Cmd::Compare { jobs } => workloads::compare(jobs).await,
-        Cmd::Retention { jobs } => retention::retention(jobs).await,
+        Cmd::Retention {
+            jobs,
+            kept,
+            kept_only,
+        } => retention::retention(jobs, &kept, kept_only).await,
         Cmd::Worker {
             coordinator,
             slots,
