@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::coordinator::auth::{AuthError, Role, TokenHash, Tokens};
 use crate::coordinator::retention::{Keep, Retention, DEFAULT_RETENTION};
 
 /// A setting that cannot be used.
@@ -63,6 +64,44 @@ pub struct Config {
     pub schedules: Vec<crate::proto::Schedule>,
     /// How long finished jobs are kept, per terminal state.
     pub retention: Retention,
+    /// Bearer tokens (their hashes); none: no authentication.
+    pub tokens: Tokens,
+    /// Serve without tokens on a non-loopback address.
+    pub insecure: bool,
+    /// TLS certificate and key (and client CA for mTLS), read from their files.
+    pub tls: Option<Tls>,
+}
+
+/// The coordinator's TLS material, PEM.
+#[derive(Clone)]
+pub struct Tls {
+    /// The server's certificate chain.
+    pub cert: Vec<u8>,
+    /// Its private key.
+    pub key: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("client_ca", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A `[[tokens]]` entry of the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSetting {
+    /// Who holds it (for logs).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `client`, `worker` or `admin`.
+    pub role: String,
+    /// The SHA-256 of the token, 64 hex digits.
+    pub sha256: String,
 }
 
 impl Default for Config {
@@ -77,6 +116,9 @@ impl Default for Config {
             cache_bytes: 256 << 20,
             schedules: Vec::new(),
             retention: Retention::default(),
+            tokens: Tokens::default(),
+            insecure: false,
+            tls: None,
         }
     }
 }
@@ -111,6 +153,19 @@ pub struct Settings {
     pub retention_cancelled: Option<String>,
     /// `--retention-expired` / `ROTA_RETENTION_EXPIRED` / `retention_expired`.
     pub retention_expired: Option<String>,
+    /// `[[tokens]]` in the config file.
+    pub tokens: Option<Vec<TokenSetting>>,
+    /// `--tokens` / `ROTA_TOKENS`: `role:sha256` entries; replaces the file's list.
+    #[serde(skip)]
+    pub token_list: Option<String>,
+    /// `--insecure` / `ROTA_INSECURE` / `insecure`.
+    pub insecure: Option<bool>,
+    /// `--tls-cert` / `ROTA_TLS_CERT` / `tls_cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key` / `ROTA_TLS_KEY` / `tls_key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca` / `ROTA_TLS_CLIENT_CA` / `tls_client_ca`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -144,6 +199,12 @@ impl Settings {
             retention_failed: self.retention_failed.or(fallback.retention_failed),
             retention_cancelled: self.retention_cancelled.or(fallback.retention_cancelled),
             retention_expired: self.retention_expired.or(fallback.retention_expired),
+            tokens: self.tokens.or(fallback.tokens),
+            token_list: self.token_list.or(fallback.token_list),
+            insecure: self.insecure.or(fallback.insecure),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
         }
     }
 
@@ -192,6 +253,19 @@ impl Settings {
             }
             schedules.push(schedule);
         }
+        let tokens = resolve_tokens(self.token_list, self.tokens)?;
+        let insecure = self.insecure.unwrap_or(false);
+        if tokens.is_empty() && !insecure && !listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                setting: "listen",
+                message: format!(
+                    "refusing to listen on {listen} without authentication: anyone who can reach it \
+                     could submit, run or drain jobs. Configure tokens ([[tokens]] in the config \
+                     file, or ROTA_TOKENS), listen on a loopback address, or pass --insecure"
+                ),
+            });
+        }
+        let tls = resolve_tls(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         let config = Config {
             listen,
             data_dir: self.data_dir.unwrap_or(d.data_dir),
@@ -210,6 +284,9 @@ impl Settings {
             cache_bytes: size("cache_size", self.cache_size, d.cache_bytes)?,
             schedules,
             retention,
+            tokens,
+            insecure,
+            tls,
         };
         if config.lease_timeout.is_zero() {
             return Err(ConfigError::Invalid {
@@ -258,6 +335,69 @@ impl Settings {
 }
 
 pub use crate::units::{parse_duration, parse_size};
+
+/// The tokens: `ROTA_TOKENS` (or `--tokens`) if set, else the file's `[[tokens]]`.
+fn resolve_tokens(
+    list: Option<String>,
+    file: Option<Vec<TokenSetting>>,
+) -> Result<Tokens, ConfigError> {
+    if let Some(list) = list {
+        let tokens = TokenHash::parse_list(&list).map_err(|e| ConfigError::Invalid {
+            setting: "tokens",
+            message: e.to_string(),
+        })?;
+        return Ok(Tokens::new(tokens));
+    }
+    let mut tokens = Vec::new();
+    for (i, t) in file.unwrap_or_default().into_iter().enumerate() {
+        let invalid = |e: AuthError| ConfigError::Invalid {
+            setting: "tokens",
+            message: format!("tokens[{i}]: {e}"),
+        };
+        let role = Role::parse(&t.role).map_err(invalid)?;
+        let name = t.name.unwrap_or_else(|| format!("tokens[{i}]"));
+        tokens.push(TokenHash::new(name, role, &t.sha256).map_err(invalid)?);
+    }
+    Ok(Tokens::new(tokens))
+}
+
+/// Reads the TLS files; a key without a certificate (or the reverse) and a
+/// client CA without a certificate are refused.
+fn resolve_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<Tls>, ConfigError> {
+    let read = |setting: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|e| ConfigError::Invalid {
+            setting,
+            message: format!("cannot read {}: {e}", path.display()),
+        })
+    };
+    match (cert, key) {
+        (None, None) => match client_ca {
+            Some(_) => Err(ConfigError::Invalid {
+                setting: "tls_client_ca",
+                message: "needs tls_cert and tls_key (client certificates are checked over TLS)"
+                    .into(),
+            }),
+            None => Ok(None),
+        },
+        (Some(_), None) => Err(ConfigError::Invalid {
+            setting: "tls_key",
+            message: "tls_cert is set but tls_key is not".into(),
+        }),
+        (None, Some(_)) => Err(ConfigError::Invalid {
+            setting: "tls_cert",
+            message: "tls_key is set but tls_cert is not".into(),
+        }),
+        (Some(cert), Some(key)) => Ok(Some(Tls {
+            cert: read("tls_cert", &cert)?,
+            key: read("tls_key", &key)?,
+            client_ca: client_ca.map(|p| read("tls_client_ca", &p)).transpose()?,
+        })),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -342,5 +482,90 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("heartbeat_interval"));
+    }
+
+    #[test]
+    fn tokens_come_from_the_file_or_replace_it_from_the_environment() {
+        let h = crate::coordinator::auth::hash_hex("secret");
+        let file: Settings = toml::from_str(&format!(
+            "listen = \"0.0.0.0:50051\"\n[[tokens]]\nname = \"ci\"\nrole = \"client\"\nsha256 = \"{h}\"\n"
+        ))
+        .unwrap();
+        let c = Settings::default().merge(file.clone()).resolve().unwrap();
+        assert!(!c.tokens.is_empty());
+        let auth = "Bearer secret";
+        assert_eq!(c.tokens.check(Some(auth.as_bytes())).unwrap().name, "ci");
+        let env = Settings {
+            token_list: Some(format!(
+                "admin:{}",
+                crate::coordinator::auth::hash_hex("other")
+            )),
+            ..Default::default()
+        };
+        let c = env.merge(file).resolve().unwrap();
+        assert!(c.tokens.check(Some(auth.as_bytes())).is_err());
+        assert!(c.tokens.check(Some(b"Bearer other")).is_ok());
+    }
+
+    #[test]
+    fn bad_tokens_and_tls_pairs_are_named() {
+        let file: Settings =
+            toml::from_str("[[tokens]]\nrole = \"root\"\nsha256 = \"00\"\n").unwrap();
+        let e = file.resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("tokens: tokens[0]: unknown role \"root\""),
+            "{e}"
+        );
+        let no_key = Settings {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        };
+        assert!(no_key
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tls_key:"));
+        let ca_only = Settings {
+            tls_client_ca: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(ca_only
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tls_client_ca:"));
+        let missing = Settings {
+            tls_cert: Some("/nonexistent/c.pem".into()),
+            tls_key: Some("/nonexistent/k.pem".into()),
+            ..Default::default()
+        };
+        let e = missing.resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls_cert: cannot read /nonexistent/c.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_network_address_needs_tokens_or_insecure() {
+        let open = Settings {
+            listen: Some("0.0.0.0:50051".into()),
+            ..Default::default()
+        };
+        let e = open.clone().resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("listen: refusing to listen on 0.0.0.0:50051"),
+            "{e}"
+        );
+        let insecure = Settings {
+            insecure: Some(true),
+            ..open
+        };
+        assert!(insecure.resolve().unwrap().insecure);
+        let loopback = Settings {
+            listen: Some("[::1]:50051".into()),
+            ..Default::default()
+        };
+        assert!(loopback.resolve().is_ok());
     }
 }

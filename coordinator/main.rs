@@ -57,6 +57,25 @@ struct Cli {
     /// Retention of EXPIRED jobs [default: --retention].
     #[arg(long, env = "ROTA_RETENTION_EXPIRED")]
     retention_expired: Option<String>,
+    /// Bearer tokens as `role:sha256` entries (roles: client, worker, admin;
+    /// the SHA-256 of each token in hex, e.g. `printf %s TOKEN | sha256sum`),
+    /// separated by commas. Replaces the config file's [[tokens]]. With none
+    /// configured, nothing is authenticated.
+    #[arg(long, env = "ROTA_TOKENS", hide_env_values = true)]
+    tokens: Option<String>,
+    /// Serve without tokens on a non-loopback address (anyone who can reach
+    /// it can submit, run and drain jobs).
+    #[arg(long, env = "ROTA_INSECURE")]
+    insecure: bool,
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, env = "ROTA_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ROTA_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: require clients (workers) to present a certificate it signed (mTLS).
+    #[arg(long, env = "ROTA_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// mimalloc: faster than the system allocator for the many small, short-lived
@@ -88,6 +107,12 @@ async fn main() -> anyhow::Result<()> {
         retention_failed: cli.retention_failed,
         retention_cancelled: cli.retention_cancelled,
         retention_expired: cli.retention_expired,
+        tokens: None,
+        token_list: cli.tokens,
+        insecure: cli.insecure.then_some(true),
+        tls_cert: cli.tls_cert,
+        tls_key: cli.tls_key,
+        tls_client_ca: cli.tls_client_ca,
     };
     let from_file = match &cli.config {
         Some(path) => Settings::from_file(path)?,
@@ -98,6 +123,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    if config.tokens.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "--insecure: serving without authentication on a non-loopback address");
+    }
     let coordinator = Coordinator::open(config).await?;
     // Installed before the address is printed: a signal sent as soon as it is
     // serving stops it cleanly.

@@ -8,6 +8,7 @@
 //! [`Coordinator::open`] rebuilds the model from the store; [`Coordinator::serve`]
 //! serves it on a bound listener until a shutdown future resolves; [`run`] does both.
 
+pub mod auth;
 pub mod backoff;
 pub mod clock;
 pub mod config;
@@ -65,6 +66,9 @@ pub enum RunError {
     /// A schedule declared in the config file was refused.
     #[error("declared schedule: {0}")]
     Declared(error::Error),
+    /// The TLS certificate or key cannot be used.
+    #[error("tls_cert/tls_key: {0}")]
+    Tls(tonic::transport::Error),
     /// A start-up task panicked.
     #[error("start-up task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -81,6 +85,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the store and rebuilds the model from it.
     pub async fn open(config: Config) -> Result<Coordinator, RunError> {
+        server_builder(&config)?;
         Self::open_with_clock(config, Arc::new(SystemClock)).await
     }
 
@@ -217,9 +222,11 @@ impl Coordinator {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
         let server_stop = root.clone();
+        let builder = server_builder(&self.config)?;
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .layer(auth::AuthLayer::new(self.config.tokens.clone()))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -252,6 +259,21 @@ impl Coordinator {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// A server builder with the config's TLS, if any (bad certificates or keys
+/// are refused here, before anything is served).
+fn server_builder(config: &Config) -> Result<tonic::transport::Server, RunError> {
+    let builder = tonic::transport::Server::builder();
+    let Some(tls) = &config.tls else {
+        return Ok(builder);
+    };
+    let mut server_tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+    if let Some(ca) = &tls.client_ca {
+        server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+    }
+    builder.tls_config(server_tls).map_err(RunError::Tls)
 }
 
 /// Opens the store in `config.data_dir`, serves on `listener` until `shutdown`

@@ -150,6 +150,16 @@ impl Coordinator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Coordinator {
+        Self::start_listening(dir, "127.0.0.1:0", extra_args, env)
+    }
+
+    /// [`Coordinator::start_with_env`] on another address than `127.0.0.1:0`.
+    pub fn start_listening(
+        dir: impl AsRef<Path>,
+        listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).expect("create the test directory");
         let env: Vec<(String, String)> = env
@@ -159,9 +169,8 @@ impl Coordinator {
         let data_dir = dir.join("data");
         let log_path = dir.join(format!("coordinator-{}.log", next_file_number()));
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) =
-            spawn_coordinator("127.0.0.1:0", &data_dir, &log_path, &extra_args, &env)
-                .unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr) = spawn_coordinator(listen, &data_dir, &log_path, &extra_args, &env)
+            .unwrap_or_else(|e| panic!("{e}"));
         Coordinator {
             child: Some(child),
             addr,
@@ -357,6 +366,16 @@ impl Worker {
     /// `rota-worker --coordinator URL --config FILE`, logging to `dir/worker-N.log`.
     /// Readiness is the caller's: see `wait_worker_connected`.
     pub fn start(url: &str, config: &str, dir: impl AsRef<Path>) -> Worker {
+        Self::start_with_env(url, config, dir, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables (`ROTA_TOKEN`).
+    pub fn start_with_env(
+        url: &str,
+        config: &str,
+        dir: impl AsRef<Path>,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let dir = dir.as_ref();
         let n = next_file_number();
         let config_path = dir.join(format!("worker-{n}.toml"));
@@ -373,6 +392,7 @@ impl Worker {
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
