@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::coordinator::auth::{AuthError, Role, TokenHash, Tokens};
+use crate::coordinator::retention::{Keep, Retention, DEFAULT_RETENTION};
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,8 @@ pub struct Config {
     pub cache_bytes: u64,
     /// Schedules declared in the config file, checked.
     pub schedules: Vec<crate::proto::Schedule>,
+    /// How long finished jobs are kept, per terminal state.
+    pub retention: Retention,
     /// Bearer tokens (their hashes); none: no authentication.
     pub tokens: Tokens,
     /// Serve without tokens on a non-loopback address.
@@ -163,6 +166,7 @@ impl Default for Config {
             default_shutdown_grace: Duration::from_secs(30),
             cache_bytes: 256 << 20,
             schedules: Vec::new(),
+            retention: Retention::default(),
             tokens: Tokens::default(),
             insecure: false,
             tls: None,
@@ -191,6 +195,16 @@ pub struct Settings {
     pub cache_size: Option<String>,
     /// `[[schedules]]`, config file only.
     pub schedules: Option<Vec<crate::coordinator::declared::DeclaredSchedule>>,
+    /// `--retention` / `ROTA_RETENTION` / `retention`: every terminal state.
+    pub retention: Option<String>,
+    /// `--retention-succeeded` / `ROTA_RETENTION_SUCCEEDED` / `retention_succeeded`.
+    pub retention_succeeded: Option<String>,
+    /// `--retention-failed` / `ROTA_RETENTION_FAILED` / `retention_failed`.
+    pub retention_failed: Option<String>,
+    /// `--retention-cancelled` / `ROTA_RETENTION_CANCELLED` / `retention_cancelled`.
+    pub retention_cancelled: Option<String>,
+    /// `--retention-expired` / `ROTA_RETENTION_EXPIRED` / `retention_expired`.
+    pub retention_expired: Option<String>,
     /// `[[tokens]]` in the config file.
     pub tokens: Option<Vec<TokenSetting>>,
     /// `--tokens` / `ROTA_TOKENS`: `role:sha256` entries; replaces the file's list.
@@ -244,6 +258,11 @@ impl Settings {
                 .or(fallback.default_shutdown_grace),
             cache_size: self.cache_size.or(fallback.cache_size),
             schedules: self.schedules.or(fallback.schedules),
+            retention: self.retention.or(fallback.retention),
+            retention_succeeded: self.retention_succeeded.or(fallback.retention_succeeded),
+            retention_failed: self.retention_failed.or(fallback.retention_failed),
+            retention_cancelled: self.retention_cancelled.or(fallback.retention_cancelled),
+            retention_expired: self.retention_expired.or(fallback.retention_expired),
             tokens: self.tokens.or(fallback.tokens),
             token_list: self.token_list.or(fallback.token_list),
             insecure: self.insecure.or(fallback.insecure),
@@ -264,6 +283,7 @@ impl Settings {
     /// The final config: parsed, checked, defaults for what is unset.
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let d = Config::default();
+        let retention = self.resolve_retention()?;
         let listen = match self.listen {
             Some(ref s) => s.parse().map_err(|e| ConfigError::Invalid {
                 setting: "listen",
@@ -344,6 +364,7 @@ impl Settings {
             )?,
             cache_bytes: size("cache_size", self.cache_size, d.cache_bytes)?,
             schedules,
+            retention,
             tokens,
             insecure,
             tls,
@@ -444,6 +465,26 @@ fn resolve_limits(
             d.worker_bad_messages.into(),
         )? as u32,
     })
+}
+
+impl Settings {
+    /// `retention` for every terminal state, each `retention_<state>` over it.
+    fn resolve_retention(&self) -> Result<Retention, ConfigError> {
+        let keep = |setting: &'static str, v: &Option<String>, default: Keep| match v {
+            Some(s) => Keep::parse(s).map_err(|e| ConfigError::Invalid {
+                setting,
+                message: e.to_string(),
+            }),
+            None => Ok(default),
+        };
+        let all = keep("retention", &self.retention, Keep::For(DEFAULT_RETENTION))?;
+        Ok(Retention {
+            succeeded: keep("retention_succeeded", &self.retention_succeeded, all)?,
+            failed: keep("retention_failed", &self.retention_failed, all)?,
+            cancelled: keep("retention_cancelled", &self.retention_cancelled, all)?,
+            expired: keep("retention_expired", &self.retention_expired, all)?,
+        })
+    }
 }
 
 pub use crate::units::{parse_duration, parse_size};
@@ -593,6 +634,44 @@ mod tests {
             zero.resolve().unwrap_err().to_string(),
             "max_workers: must be at least 1"
         );
+    }
+
+    #[test]
+    fn retention_per_state_overrides_the_general_one_and_flags_win() {
+        let d = Settings::default().resolve().unwrap().retention;
+        assert_eq!(d, Retention::uniform(Keep::For(DEFAULT_RETENTION)));
+        let file: Settings = toml::from_str(
+            "retention = \"30d\"\nretention_failed = \"forever\"\nretention_succeeded = \"1h\"",
+        )
+        .unwrap();
+        let cli = Settings {
+            retention_succeeded: Some("10m".into()),
+            retention_expired: Some("2s".into()),
+            ..Default::default()
+        };
+        let r = cli.merge(file).resolve().unwrap().retention;
+        assert_eq!(
+            r.succeeded,
+            Keep::For(Duration::from_secs(600)),
+            "flag over file"
+        );
+        assert_eq!(r.failed, Keep::Forever, "file's per-state key");
+        assert_eq!(
+            r.cancelled,
+            Keep::For(Duration::from_secs(30 * 86400)),
+            "file's general key"
+        );
+        assert_eq!(r.expired, Keep::For(Duration::from_secs(2)));
+        for (field, value) in [("retention", "0s"), ("retention_cancelled", "soon")] {
+            let mut bad = Settings::default();
+            match field {
+                "retention" => bad.retention = Some(value.into()),
+                _ => bad.retention_cancelled = Some(value.into()),
+            }
+            let e = bad.resolve().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+            assert!(e.contains(value), "{e}");
+        }
     }
 
     #[test]

@@ -40,6 +40,23 @@ struct Cli {
     /// Size of the database's page cache [default: 256MiB].
     #[arg(long, env = "ROTA_CACHE_SIZE")]
     cache_size: Option<String>,
+    /// How long finished jobs (SUCCEEDED, FAILED, CANCELLED, EXPIRED) are kept
+    /// after they end before they are deleted, with their idempotency keys: a
+    /// duration of at least 1s, or `forever` [default: 7d].
+    #[arg(long, env = "ROTA_RETENTION")]
+    retention: Option<String>,
+    /// Retention of SUCCEEDED jobs [default: --retention].
+    #[arg(long, env = "ROTA_RETENTION_SUCCEEDED")]
+    retention_succeeded: Option<String>,
+    /// Retention of FAILED jobs [default: --retention].
+    #[arg(long, env = "ROTA_RETENTION_FAILED")]
+    retention_failed: Option<String>,
+    /// Retention of CANCELLED jobs [default: --retention].
+    #[arg(long, env = "ROTA_RETENTION_CANCELLED")]
+    retention_cancelled: Option<String>,
+    /// Retention of EXPIRED jobs [default: --retention].
+    #[arg(long, env = "ROTA_RETENTION_EXPIRED")]
+    retention_expired: Option<String>,
     /// Bearer tokens as `role:sha256` entries (roles: client, worker, admin;
     /// the SHA-256 of each token in hex, e.g. `printf %s TOKEN | sha256sum`),
     /// separated by commas. Replaces the config file's [[tokens]]. With none
@@ -109,6 +126,11 @@ async fn main() -> anyhow::Result<()> {
         default_shutdown_grace: cli.default_shutdown_grace,
         cache_size: cli.cache_size,
         schedules: None,
+        retention: cli.retention,
+        retention_succeeded: cli.retention_succeeded,
+        retention_failed: cli.retention_failed,
+        retention_cancelled: cli.retention_cancelled,
+        retention_expired: cli.retention_expired,
         tokens: None,
         token_list: cli.tokens,
         insecure: cli.insecure.then_some(true),

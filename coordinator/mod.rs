@@ -18,6 +18,7 @@ pub mod error;
 pub mod ids;
 pub mod ready;
 pub mod record;
+pub mod retention;
 pub mod schedule;
 pub mod service;
 pub mod state;
@@ -112,6 +113,7 @@ impl Coordinator {
             lease_timeout: config.lease_timeout,
             heartbeat_interval: config.heartbeat_interval,
             default_shutdown_grace: config.default_shutdown_grace,
+            retention: config.retention,
         };
         let mut state = State::restore(settings, snapshot, clock.now());
         // Declared schedules: created or updated now, durably, before serving.
@@ -136,7 +138,7 @@ impl Coordinator {
         for effect in round.effects {
             effect(Ok(()));
         }
-        tracing::info!(jobs, dir = %config.data_dir.display(), "store opened");
+        tracing::info!(jobs, awaiting_deletion = state.sweep_pending(), dir = %config.data_dir.display(), "store opened");
         Ok(Coordinator {
             config,
             store: Arc::new(store),
