@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw_grpc;
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -150,6 +152,16 @@ impl Coordinator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Coordinator {
+        Self::start_listening(dir, "127.0.0.1:0", extra_args, env)
+    }
+
+    /// [`Coordinator::start_with_env`] on another address than `127.0.0.1:0`.
+    pub fn start_listening(
+        dir: impl AsRef<Path>,
+        listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).expect("create the test directory");
         let env: Vec<(String, String)> = env
@@ -159,9 +171,8 @@ impl Coordinator {
         let data_dir = dir.join("data");
         let log_path = dir.join(format!("coordinator-{}.log", next_file_number()));
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) =
-            spawn_coordinator("127.0.0.1:0", &data_dir, &log_path, &extra_args, &env)
-                .unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr) = spawn_coordinator(listen, &data_dir, &log_path, &extra_args, &env)
+            .unwrap_or_else(|e| panic!("{e}"));
         Coordinator {
             child: Some(child),
             addr,
@@ -357,6 +368,16 @@ impl Worker {
     /// `rota-worker --coordinator URL --config FILE`, logging to `dir/worker-N.log`.
     /// Readiness is the caller's: see `wait_worker_connected`.
     pub fn start(url: &str, config: &str, dir: impl AsRef<Path>) -> Worker {
+        Self::start_with_env(url, config, dir, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables (`ROTA_TOKEN`).
+    pub fn start_with_env(
+        url: &str,
+        config: &str,
+        dir: impl AsRef<Path>,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let dir = dir.as_ref();
         let n = next_file_number();
         let config_path = dir.join(format!("worker-{n}.toml"));
@@ -373,6 +394,7 @@ impl Worker {
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -761,18 +783,24 @@ impl RawSession {
     /// Opens a session and waits for Welcome, but never heartbeats: the coordinator should
     /// lose this worker after its lease timeout.
     pub async fn open_silent(url: &str, hello: Hello) -> RawSession {
+        Self::try_open_silent(url, hello)
+            .await
+            .unwrap_or_else(|e| panic!("Session: {e}"))
+    }
+
+    /// [`RawSession::open_silent`], returning the status the coordinator refused the session
+    /// with instead of panicking.
+    pub async fn try_open_silent(url: &str, hello: Hello) -> Result<RawSession, tonic::Status> {
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {
             msg: Some(WorkerMsg::Hello(hello)),
         })
         .await
         .expect("queue Hello");
-        let mut client = WorkerServiceClient::new(channel(url).await);
-        let inbound = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .unwrap_or_else(|e| panic!("Session: {e}"))
-            .into_inner();
+        let mut client = WorkerServiceClient::new(channel(url).await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         let mut session = RawSession {
             tx,
             inbound,
@@ -784,7 +812,7 @@ impl RawSession {
             CoordMsg::Welcome(w) => session.welcome = w,
             other => panic!("expected Welcome first, got {other:?}"),
         }
-        session
+        Ok(session)
     }
 
     /// The next message from the coordinator (buffered ones first); panics after `bound` or
@@ -885,6 +913,20 @@ impl RawSession {
             .send(WorkerMessage { msg: Some(msg) })
             .await
             .expect("session outbound stream closed");
+    }
+
+    /// Reads until the coordinator ends the stream (within `bound`) and returns how: `Ok` for a
+    /// clean end, `Err` with the status it ended with. Messages read on the way are dropped.
+    pub async fn end_status(&mut self, bound: Duration) -> Result<(), tonic::Status> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbound.next()).await {
+                Err(_) => panic!("the coordinator did not end the session within {bound:?}"),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(status))) => return Err(status),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
     }
 
     /// The next message if one arrives within `wait` (buffered ones first): used to check that
