@@ -18,7 +18,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::audit::{parse_payload, payload, Mode, Monitor};
+use crate::audit::{parse_payload, payload, Mode};
+use crate::monitor::Monitor;
 use crate::runlog::{self, unix_seconds};
 
 /// The kind run by `rota-worker` processes (a shell command).

@@ -14,6 +14,7 @@ mod common;
 
 mod audit;
 mod load;
+mod monitor;
 mod runlog;
 
 use std::collections::BTreeMap;
@@ -35,8 +36,9 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use audit::{Crash, Evidence, Figures, Mode, Monitor};
+use audit::{Crash, Evidence, Figures, Mode};
 use load::{Acked, CMD, SDK_WORKER};
+use monitor::Monitor;
 use runlog::OrphanGuard;
 
 /// Coordinator kills in the first run.
