@@ -70,6 +70,8 @@ pub struct Config {
     pub insecure: bool,
     /// TLS certificate and key (and client CA for mTLS), read from their files.
     pub tls: Option<Tls>,
+    /// What clients and workers may send (message size, streams, workers, floods).
+    pub limits: Limits,
 }
 
 /// The coordinator's TLS material, PEM.
@@ -104,6 +106,55 @@ pub struct TokenSetting {
     pub sha256: String,
 }
 
+/// Limits on what clients and workers may send. Each one refused gets a
+/// gRPC error naming the limit and its setting; nothing changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Largest gRPC message either way, in bytes. At least
+    /// [`min_message_size`] of the payload limit, so that any job fits.
+    pub max_message_size: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    pub max_concurrent_streams: u32,
+    /// Most worker sessions open at once.
+    pub max_workers: usize,
+    /// Heartbeats and drain messages a session may send per heartbeat
+    /// interval, on average (the worker SDK sends one).
+    pub worker_flood_rate: u32,
+    /// How many of those a session may send at once before the rate applies.
+    pub worker_flood_burst: u32,
+    /// Messages the protocol does not allow (completions of leases the worker
+    /// does not hold, a second Hello, empty messages) a session may send in a
+    /// burst, on top of its slots; one more is allowed each second after that.
+    pub worker_bad_messages: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_concurrent_streams: 1024,
+            max_workers: 10_000,
+            worker_flood_rate: 10,
+            worker_flood_burst: 100,
+            worker_bad_messages: 100,
+        }
+    }
+}
+
+/// `max_message_size` unless the payload limit needs more.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Room in a message for everything of a job but its payload and result:
+/// labels (64 of up to 2 KiB), up to 1,000 attempts with their errors, ids
+/// and times.
+pub const JOB_OVERHEAD: usize = 10 << 20;
+
+/// The smallest `max_message_size` that holds any job: a payload and a
+/// result (each at most `max_payload`) and the rest.
+pub fn min_message_size(max_payload: usize) -> usize {
+    2 * max_payload + JOB_OVERHEAD
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -119,6 +170,7 @@ impl Default for Config {
             tokens: Tokens::default(),
             insecure: false,
             tls: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -166,6 +218,18 @@ pub struct Settings {
     pub tls_key: Option<PathBuf>,
     /// `--tls-client-ca` / `ROTA_TLS_CLIENT_CA` / `tls_client_ca`.
     pub tls_client_ca: Option<PathBuf>,
+    /// `--max-message-size` / `ROTA_MAX_MESSAGE_SIZE` / `max_message_size`.
+    pub max_message_size: Option<String>,
+    /// `--max-concurrent-streams` / `ROTA_MAX_CONCURRENT_STREAMS` / `max_concurrent_streams`.
+    pub max_concurrent_streams: Option<u32>,
+    /// `--max-workers` / `ROTA_MAX_WORKERS` / `max_workers`.
+    pub max_workers: Option<usize>,
+    /// `--worker-flood-rate` / `ROTA_WORKER_FLOOD_RATE` / `worker_flood_rate`.
+    pub worker_flood_rate: Option<u32>,
+    /// `--worker-flood-burst` / `ROTA_WORKER_FLOOD_BURST` / `worker_flood_burst`.
+    pub worker_flood_burst: Option<u32>,
+    /// `--worker-bad-messages` / `ROTA_WORKER_BAD_MESSAGES` / `worker_bad_messages`.
+    pub worker_bad_messages: Option<u32>,
 }
 
 impl Settings {
@@ -205,6 +269,14 @@ impl Settings {
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
+            max_message_size: self.max_message_size.or(fallback.max_message_size),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .or(fallback.max_concurrent_streams),
+            max_workers: self.max_workers.or(fallback.max_workers),
+            worker_flood_rate: self.worker_flood_rate.or(fallback.worker_flood_rate),
+            worker_flood_burst: self.worker_flood_burst.or(fallback.worker_flood_burst),
+            worker_bad_messages: self.worker_bad_messages.or(fallback.worker_bad_messages),
         }
     }
 
@@ -213,7 +285,7 @@ impl Settings {
         let d = Config::default();
         let retention = self.resolve_retention()?;
         let listen = match self.listen {
-            Some(s) => s.parse().map_err(|e| ConfigError::Invalid {
+            Some(ref s) => s.parse().map_err(|e| ConfigError::Invalid {
                 setting: "listen",
                 message: format!("{s:?} is not an address like 127.0.0.1:50051 ({e})"),
             })?,
@@ -229,7 +301,16 @@ impl Settings {
             Some(s) => parse_size(&s).map_err(|message| ConfigError::Invalid { setting, message }),
             None => Ok(default),
         };
-        let max_payload = size("max_payload", self.max_payload, d.max_payload as u64)? as usize;
+        let max_payload = size(
+            "max_payload",
+            self.max_payload.clone(),
+            d.max_payload as u64,
+        )? as usize;
+        let limits = resolve_limits(
+            max_payload,
+            size("max_message_size", self.max_message_size.clone(), 0)?,
+            &self,
+        )?;
         let mut schedules = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (i, declared) in self.schedules.unwrap_or_default().iter().enumerate() {
@@ -287,6 +368,7 @@ impl Settings {
             tokens,
             insecure,
             tls,
+            limits,
         };
         if config.lease_timeout.is_zero() {
             return Err(ConfigError::Invalid {
@@ -332,6 +414,77 @@ impl Settings {
             expired: keep("retention_expired", &self.retention_expired, all)?,
         })
     }
+}
+
+/// The limits: set ones checked, defaults for the rest. `message_size` is 0
+/// when unset (the default then depends on `max_payload`).
+fn resolve_limits(
+    max_payload: usize,
+    message_size: u64,
+    s: &Settings,
+) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let min = min_message_size(max_payload);
+    let max_message_size = if message_size == 0 && s.max_message_size.is_none() {
+        d.max_message_size.max(min)
+    } else {
+        let size = usize::try_from(message_size).unwrap_or(usize::MAX);
+        if size < min {
+            return Err(ConfigError::Invalid {
+                setting: "max_message_size",
+                message: format!(
+                    "is {size} bytes; it must be at least {min} bytes: twice max_payload \
+                     ({max_payload}, a payload and a result) plus {JOB_OVERHEAD} for the rest of a job"
+                ),
+            });
+        }
+        if size > u32::MAX as usize {
+            return Err(ConfigError::Invalid {
+                setting: "max_message_size",
+                message: format!("is {size} bytes; gRPC frames hold at most 4GiB"),
+            });
+        }
+        size
+    };
+    let positive =
+        |setting: &'static str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+            match v {
+                Some(0) => Err(ConfigError::Invalid {
+                    setting,
+                    message: "must be at least 1".into(),
+                }),
+                Some(n) => Ok(n),
+                None => Ok(default),
+            }
+        };
+    Ok(Limits {
+        max_message_size,
+        max_concurrent_streams: positive(
+            "max_concurrent_streams",
+            s.max_concurrent_streams.map(u64::from),
+            d.max_concurrent_streams.into(),
+        )? as u32,
+        max_workers: positive(
+            "max_workers",
+            s.max_workers.map(|n| n as u64),
+            d.max_workers as u64,
+        )? as usize,
+        worker_flood_rate: positive(
+            "worker_flood_rate",
+            s.worker_flood_rate.map(u64::from),
+            d.worker_flood_rate.into(),
+        )? as u32,
+        worker_flood_burst: positive(
+            "worker_flood_burst",
+            s.worker_flood_burst.map(u64::from),
+            d.worker_flood_burst.into(),
+        )? as u32,
+        worker_bad_messages: positive(
+            "worker_bad_messages",
+            s.worker_bad_messages.map(u64::from),
+            d.worker_bad_messages.into(),
+        )? as u32,
+    })
 }
 
 pub use crate::units::{parse_duration, parse_size};
@@ -467,6 +620,58 @@ mod tests {
             assert!(e.starts_with(&format!("{field}: ")), "{e}");
             assert!(e.contains(value), "{e}");
         }
+    }
+
+    #[test]
+    fn limits_have_defaults_and_are_checked() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits.max_message_size, 16 << 20);
+        // A payload limit that needs more raises the default message size.
+        let big = Settings {
+            max_payload: Some("8MiB".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            big.resolve().unwrap().limits.max_message_size,
+            min_message_size(8 << 20)
+        );
+        // Set explicitly below the minimum: refused, naming both settings.
+        let small = Settings {
+            max_message_size: Some("1MiB".into()),
+            ..Default::default()
+        };
+        let e = small.resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("max_message_size: is 1048576 bytes; it must be at least 12582912")
+                && e.contains("max_payload"),
+            "{e}"
+        );
+        let file: Settings = toml::from_str(
+            "max_message_size = \"32MiB\"\nmax_workers = 5\nworker_flood_rate = 3\n\
+             worker_flood_burst = 4\nworker_bad_messages = 6\nmax_concurrent_streams = 7",
+        )
+        .unwrap();
+        let l = Settings::default().merge(file).resolve().unwrap().limits;
+        assert_eq!(
+            l,
+            Limits {
+                max_message_size: 32 << 20,
+                max_concurrent_streams: 7,
+                max_workers: 5,
+                worker_flood_rate: 3,
+                worker_flood_burst: 4,
+                worker_bad_messages: 6,
+            }
+        );
+        let zero = Settings {
+            max_workers: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            zero.resolve().unwrap_err().to_string(),
+            "max_workers: must be at least 1"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ struct Cli {
     /// How often workers heartbeat [default: 5s].
     #[arg(long, env = "ROTA_HEARTBEAT_INTERVAL")]
     heartbeat_interval: Option<String>,
-    /// Largest job payload [default: 1MiB].
+    /// Largest job payload, and largest result a worker may report [default: 1MiB].
     #[arg(long, env = "ROTA_MAX_PAYLOAD")]
     max_payload: Option<String>,
     /// shutdown_grace of jobs that do not set one [default: 30s].
@@ -76,6 +76,30 @@ struct Cli {
     /// PEM CA: require clients (workers) to present a certificate it signed (mTLS).
     #[arg(long, env = "ROTA_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// Largest gRPC message either way; at least twice --max-payload plus 10MiB
+    /// [default: 16MiB, or that minimum if larger].
+    #[arg(long, env = "ROTA_MAX_MESSAGE_SIZE")]
+    max_message_size: Option<String>,
+    /// Most concurrent calls (HTTP/2 streams) on one connection [default: 1024].
+    #[arg(long, env = "ROTA_MAX_CONCURRENT_STREAMS")]
+    max_concurrent_streams: Option<u32>,
+    /// Most worker sessions open at once; the next gets RESOURCE_EXHAUSTED [default: 10000].
+    #[arg(long, env = "ROTA_MAX_WORKERS")]
+    max_workers: Option<usize>,
+    /// Heartbeats and drain messages a worker session may send per heartbeat
+    /// interval on average (a worker sends one); a session that sends more is
+    /// ended [default: 10].
+    #[arg(long, env = "ROTA_WORKER_FLOOD_RATE")]
+    worker_flood_rate: Option<u32>,
+    /// How many of those a session may send at once before the rate applies [default: 100].
+    #[arg(long, env = "ROTA_WORKER_FLOOD_BURST")]
+    worker_flood_burst: Option<u32>,
+    /// Messages the protocol does not allow (completions of leases the worker
+    /// does not hold, a second hello, empty messages) a session may send in a
+    /// burst, on top of its slots, before it is ended; one more each second
+    /// after that [default: 100].
+    #[arg(long, env = "ROTA_WORKER_BAD_MESSAGES")]
+    worker_bad_messages: Option<u32>,
 }
 
 /// mimalloc: faster than the system allocator for the many small, short-lived
@@ -113,6 +137,12 @@ async fn main() -> anyhow::Result<()> {
         tls_cert: cli.tls_cert,
         tls_key: cli.tls_key,
         tls_client_ca: cli.tls_client_ca,
+        max_message_size: cli.max_message_size,
+        max_concurrent_streams: cli.max_concurrent_streams,
+        max_workers: cli.max_workers,
+        worker_flood_rate: cli.worker_flood_rate,
+        worker_flood_burst: cli.worker_flood_burst,
+        worker_bad_messages: cli.worker_bad_messages,
     };
     let from_file = match &cli.config {
         Some(path) => Settings::from_file(path)?,

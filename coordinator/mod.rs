@@ -43,8 +43,6 @@ pub use config::Config;
 
 /// How long open streams may take to close at shutdown before they are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest gRPC message accepted (a `SubmitJobs` batch of big payloads).
-const MAX_MESSAGE: usize = 256 << 20;
 
 /// Why the coordinator stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -189,24 +187,43 @@ impl Coordinator {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .expect("the embedded descriptor sets are valid");
-        let jobs = proto::job_service_server::JobServiceServer::new(service::jobs::Jobs::new(
-            engine.clone(),
-            self.config.max_payload,
-        ))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-        let sessions = proto::worker_service_server::WorkerServiceServer::new(
-            service::session::Sessions::new(engine.clone()),
+        let limits = &self.config.limits;
+        let max_message = limits.max_message_size;
+        let jobs = proto::job_service_server::JobServiceServer::new(
+            service::jobs::Jobs::new(engine.clone(), self.config.max_payload)
+                .with_max_message_size(max_message),
         )
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let sessions = proto::worker_service_server::WorkerServiceServer::new(
+            service::session::Sessions::new(engine.clone()).with_limits(
+                limits,
+                self.config.heartbeat_interval,
+                self.config.max_payload,
+            ),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
         let admin = proto::admin_service_server::AdminServiceServer::new(
             service::admin::Admin::new(engine.clone()),
-        );
-        let schedules = proto::schedule_service_server::ScheduleServiceServer::new(
-            service::schedules::Schedules::new(engine.clone(), self.config.max_payload),
         )
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let schedules = proto::schedule_service_server::ScheduleServiceServer::new(
+            service::schedules::Schedules::new(engine.clone(), self.config.max_payload)
+                .with_max_message_size(max_message),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let health_service = health_service
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let reflection_v1 = reflection_v1
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let reflection_v1alpha = reflection_v1alpha
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
 
         let stop = root.clone();
         let watcher = engine.clone();
@@ -227,6 +244,8 @@ impl Coordinator {
             builder
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .layer(auth::AuthLayer::new(self.config.tokens.clone()))
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .layer(service::message_size::MessageSizeLayer)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw_grpc;
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -781,18 +783,24 @@ impl RawSession {
     /// Opens a session and waits for Welcome, but never heartbeats: the coordinator should
     /// lose this worker after its lease timeout.
     pub async fn open_silent(url: &str, hello: Hello) -> RawSession {
+        Self::try_open_silent(url, hello)
+            .await
+            .unwrap_or_else(|e| panic!("Session: {e}"))
+    }
+
+    /// [`RawSession::open_silent`], returning the status the coordinator refused the session
+    /// with instead of panicking.
+    pub async fn try_open_silent(url: &str, hello: Hello) -> Result<RawSession, tonic::Status> {
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {
             msg: Some(WorkerMsg::Hello(hello)),
         })
         .await
         .expect("queue Hello");
-        let mut client = WorkerServiceClient::new(channel(url).await);
-        let inbound = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .unwrap_or_else(|e| panic!("Session: {e}"))
-            .into_inner();
+        let mut client = WorkerServiceClient::new(channel(url).await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         let mut session = RawSession {
             tx,
             inbound,
@@ -804,7 +812,7 @@ impl RawSession {
             CoordMsg::Welcome(w) => session.welcome = w,
             other => panic!("expected Welcome first, got {other:?}"),
         }
-        session
+        Ok(session)
     }
 
     /// The next message from the coordinator (buffered ones first); panics after `bound` or
@@ -905,6 +913,20 @@ impl RawSession {
             .send(WorkerMessage { msg: Some(msg) })
             .await
             .expect("session outbound stream closed");
+    }
+
+    /// Reads until the coordinator ends the stream (within `bound`) and returns how: `Ok` for a
+    /// clean end, `Err` with the status it ended with. Messages read on the way are dropped.
+    pub async fn end_status(&mut self, bound: Duration) -> Result<(), tonic::Status> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbound.next()).await {
+                Err(_) => panic!("the coordinator did not end the session within {bound:?}"),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(status))) => return Err(status),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
     }
 
     /// The next message if one arrives within `wait` (buffered ones first): used to check that
