@@ -396,26 +396,6 @@ impl Settings {
     }
 }
 
-impl Settings {
-    /// `retention` for every terminal state, each `retention_<state>` over it.
-    fn resolve_retention(&self) -> Result<Retention, ConfigError> {
-        let keep = |setting: &'static str, v: &Option<String>, default: Keep| match v {
-            Some(s) => Keep::parse(s).map_err(|e| ConfigError::Invalid {
-                setting,
-                message: e.to_string(),
-            }),
-            None => Ok(default),
-        };
-        let all = keep("retention", &self.retention, Keep::For(DEFAULT_RETENTION))?;
-        Ok(Retention {
-            succeeded: keep("retention_succeeded", &self.retention_succeeded, all)?,
-            failed: keep("retention_failed", &self.retention_failed, all)?,
-            cancelled: keep("retention_cancelled", &self.retention_cancelled, all)?,
-            expired: keep("retention_expired", &self.retention_expired, all)?,
-        })
-    }
-}
-
 /// The limits: set ones checked, defaults for the rest. `message_size` is 0
 /// when unset (the default then depends on `max_payload`).
 fn resolve_limits(
@@ -485,6 +465,26 @@ fn resolve_limits(
             d.worker_bad_messages.into(),
         )? as u32,
     })
+}
+
+impl Settings {
+    /// `retention` for every terminal state, each `retention_<state>` over it.
+    fn resolve_retention(&self) -> Result<Retention, ConfigError> {
+        let keep = |setting: &'static str, v: &Option<String>, default: Keep| match v {
+            Some(s) => Keep::parse(s).map_err(|e| ConfigError::Invalid {
+                setting,
+                message: e.to_string(),
+            }),
+            None => Ok(default),
+        };
+        let all = keep("retention", &self.retention, Keep::For(DEFAULT_RETENTION))?;
+        Ok(Retention {
+            succeeded: keep("retention_succeeded", &self.retention_succeeded, all)?,
+            failed: keep("retention_failed", &self.retention_failed, all)?,
+            cancelled: keep("retention_cancelled", &self.retention_cancelled, all)?,
+            expired: keep("retention_expired", &self.retention_expired, all)?,
+        })
+    }
 }
 
 pub use crate::units::{parse_duration, parse_size};
@@ -585,44 +585,6 @@ mod tests {
     }
 
     #[test]
-    fn retention_per_state_overrides_the_general_one_and_flags_win() {
-        let d = Settings::default().resolve().unwrap().retention;
-        assert_eq!(d, Retention::uniform(Keep::For(DEFAULT_RETENTION)));
-        let file: Settings = toml::from_str(
-            "retention = \"30d\"\nretention_failed = \"forever\"\nretention_succeeded = \"1h\"",
-        )
-        .unwrap();
-        let cli = Settings {
-            retention_succeeded: Some("10m".into()),
-            retention_expired: Some("2s".into()),
-            ..Default::default()
-        };
-        let r = cli.merge(file).resolve().unwrap().retention;
-        assert_eq!(
-            r.succeeded,
-            Keep::For(Duration::from_secs(600)),
-            "flag over file"
-        );
-        assert_eq!(r.failed, Keep::Forever, "file's per-state key");
-        assert_eq!(
-            r.cancelled,
-            Keep::For(Duration::from_secs(30 * 86400)),
-            "file's general key"
-        );
-        assert_eq!(r.expired, Keep::For(Duration::from_secs(2)));
-        for (field, value) in [("retention", "0s"), ("retention_cancelled", "soon")] {
-            let mut bad = Settings::default();
-            match field {
-                "retention" => bad.retention = Some(value.into()),
-                _ => bad.retention_cancelled = Some(value.into()),
-            }
-            let e = bad.resolve().unwrap_err().to_string();
-            assert!(e.starts_with(&format!("{field}: ")), "{e}");
-            assert!(e.contains(value), "{e}");
-        }
-    }
-
-    #[test]
     fn limits_have_defaults_and_are_checked() {
         let c = Settings::default().resolve().unwrap();
         assert_eq!(c.limits, Limits::default());
@@ -672,6 +634,44 @@ mod tests {
             zero.resolve().unwrap_err().to_string(),
             "max_workers: must be at least 1"
         );
+    }
+
+    #[test]
+    fn retention_per_state_overrides_the_general_one_and_flags_win() {
+        let d = Settings::default().resolve().unwrap().retention;
+        assert_eq!(d, Retention::uniform(Keep::For(DEFAULT_RETENTION)));
+        let file: Settings = toml::from_str(
+            "retention = \"30d\"\nretention_failed = \"forever\"\nretention_succeeded = \"1h\"",
+        )
+        .unwrap();
+        let cli = Settings {
+            retention_succeeded: Some("10m".into()),
+            retention_expired: Some("2s".into()),
+            ..Default::default()
+        };
+        let r = cli.merge(file).resolve().unwrap().retention;
+        assert_eq!(
+            r.succeeded,
+            Keep::For(Duration::from_secs(600)),
+            "flag over file"
+        );
+        assert_eq!(r.failed, Keep::Forever, "file's per-state key");
+        assert_eq!(
+            r.cancelled,
+            Keep::For(Duration::from_secs(30 * 86400)),
+            "file's general key"
+        );
+        assert_eq!(r.expired, Keep::For(Duration::from_secs(2)));
+        for (field, value) in [("retention", "0s"), ("retention_cancelled", "soon")] {
+            let mut bad = Settings::default();
+            match field {
+                "retention" => bad.retention = Some(value.into()),
+                _ => bad.retention_cancelled = Some(value.into()),
+            }
+            let e = bad.resolve().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+            assert!(e.contains(value), "{e}");
+        }
     }
 
     #[test]
