@@ -272,9 +272,13 @@ async fn a_job_whose_grace_exceeds_a_workers_limit_goes_to_one_that_can_honour_i
     let client = job_client(&url).await;
     let long = submit_id(&client, graced("k", Duration::from_secs(600))).await;
     let short = submit_id(&client, graced("k", Duration::from_secs(2))).await;
+    // Its command outlives a kill -9 of its worker (its own process group): the guard ends it.
+    let pid_file = dir.path().join("small.pid");
+    let _orphan = PidFileGuard(pid_file.clone());
+    let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
     let small = format!(
         "max_shutdown_grace = \"5s\"\n{}",
-        worker_config("small", &["default"], 1, &[("k", "sleep 300")])
+        worker_config("small", &["default"], 1, &[("k", &script)])
     );
     let _small = Worker::start(&url, &small, dir.path());
     // FIFO would hand the older, long-grace job to `small` if it fit.
