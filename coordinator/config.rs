@@ -57,6 +57,9 @@ pub struct Config {
     pub default_shutdown_grace: Duration,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// New work is refused while less than this is free on the data
+    /// directory's disk (0: no limit).
+    pub min_free_disk: u64,
     /// Schedules declared in the config file, checked.
     pub schedules: Vec<crate::proto::Schedule>,
 }
@@ -71,6 +74,7 @@ impl Default for Config {
             max_payload: 1 << 20,
             default_shutdown_grace: Duration::from_secs(30),
             cache_bytes: 256 << 20,
+            min_free_disk: 256 << 20,
             schedules: Vec::new(),
         }
     }
@@ -94,6 +98,8 @@ pub struct Settings {
     pub default_shutdown_grace: Option<String>,
     /// `--cache-size` / `ROTA_CACHE_SIZE` / `cache_size`.
     pub cache_size: Option<String>,
+    /// `--min-free-disk` / `ROTA_MIN_FREE_DISK` / `min_free_disk`.
+    pub min_free_disk: Option<String>,
     /// `[[schedules]]`, config file only.
     pub schedules: Option<Vec<crate::coordinator::declared::DeclaredSchedule>>,
 }
@@ -123,6 +129,7 @@ impl Settings {
                 .default_shutdown_grace
                 .or(fallback.default_shutdown_grace),
             cache_size: self.cache_size.or(fallback.cache_size),
+            min_free_disk: self.min_free_disk.or(fallback.min_free_disk),
             schedules: self.schedules.or(fallback.schedules),
         }
     }
@@ -187,6 +194,7 @@ impl Settings {
                 d.default_shutdown_grace,
             )?,
             cache_bytes: size("cache_size", self.cache_size, d.cache_bytes)?,
+            min_free_disk: size("min_free_disk", self.min_free_disk, d.min_free_disk)?,
             schedules,
         };
         if config.lease_timeout.is_zero() {
@@ -247,6 +255,19 @@ mod tests {
         assert_eq!(c.max_payload, 2048);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.min_free_disk, 256 << 20);
+        let file: Settings = toml::from_str("min_free_disk = \"64MiB\"").unwrap();
+        let c = Settings::default().merge(file).resolve().unwrap();
+        assert_eq!(c.min_free_disk, 64 << 20);
+        let bad = Settings {
+            min_free_disk: Some("lots".into()),
+            ..Default::default()
+        };
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("min_free_disk"));
     }
 
     #[test]

@@ -40,6 +40,11 @@ struct Cli {
     /// Size of the database's page cache [default: 256MiB].
     #[arg(long, env = "ROTA_CACHE_SIZE")]
     cache_size: Option<String>,
+    /// New work (submits, retries, new schedules, triggers) is refused with
+    /// RESOURCE_EXHAUSTED while less than this is free on the data directory's
+    /// disk; running jobs still complete. 0 turns the check off [default: 256MiB].
+    #[arg(long, env = "ROTA_MIN_FREE_DISK")]
+    min_free_disk: Option<String>,
 }
 
 /// mimalloc: faster than the system allocator for the many small, short-lived
@@ -65,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         max_payload: cli.max_payload,
         default_shutdown_grace: cli.default_shutdown_grace,
         cache_size: cli.cache_size,
+        min_free_disk: cli.min_free_disk,
         schedules: None,
     };
     let from_file = match &cli.config {

@@ -295,6 +295,22 @@ impl State {
         self.rng = rand::rngs::StdRng::seed_from_u64(seed);
     }
 
+    /// The settings the model was built with (to rebuild it after a store failure).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The last session generation handed out.
+    pub fn last_generation(&self) -> u64 {
+        self.workers.last_generation()
+    }
+
+    /// Hands out session generations after `last` only: a model rebuilt in the
+    /// same process must not reuse the numbers of streams still closing.
+    pub fn continue_generations_after(&mut self, last: u64) {
+        self.workers.continue_after(last);
+    }
+
     /// Takes what has been staged since the last call.
     pub fn take_round(&mut self) -> Round {
         std::mem::take(&mut self.round)
