@@ -150,17 +150,36 @@ impl Coordinator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Coordinator {
+        Self::start_with(
+            dir,
+            Placement {
+                listen: "127.0.0.1:0",
+                data_dir: None,
+            },
+            extra_args,
+            env,
+        )
+    }
+
+    /// [`Coordinator::start_with_env`] listening on `placement.listen` (e.g. `0.0.0.0:0`, for
+    /// workers in other network namespaces), with its data in `placement.data_dir` if given.
+    pub fn start_with(
+        dir: impl AsRef<Path>,
+        placement: Placement,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).expect("create the test directory");
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let data_dir = dir.join("data");
+        let data_dir = placement.data_dir.unwrap_or_else(|| dir.join("data"));
         let log_path = dir.join(format!("coordinator-{}.log", next_file_number()));
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let (child, addr) =
-            spawn_coordinator("127.0.0.1:0", &data_dir, &log_path, &extra_args, &env)
+            spawn_coordinator(placement.listen, &data_dir, &log_path, &extra_args, &env)
                 .unwrap_or_else(|e| panic!("{e}"));
         Coordinator {
             child: Some(child),
@@ -177,9 +196,13 @@ impl Coordinator {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (also for a coordinator listening on `0.0.0.0`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.addr.ip().is_unspecified() {
+            format!("http://127.0.0.1:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// The process id of the running coordinator.
@@ -263,6 +286,14 @@ impl Drop for Coordinator {
             );
         }
     }
+}
+
+/// Where a coordinator listens and keeps its data, for [`Coordinator::start_with`].
+pub struct Placement<'a> {
+    /// The `--listen` address.
+    pub listen: &'a str,
+    /// The `--data-dir`; `None`: `dir/data`.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Spawns `rota-coordinator` and waits (bounded) for its `listening on ADDR` line. On failure
@@ -357,13 +388,34 @@ impl Worker {
     /// `rota-worker --coordinator URL --config FILE`, logging to `dir/worker-N.log`.
     /// Readiness is the caller's: see `wait_worker_connected`.
     pub fn start(url: &str, config: &str, dir: impl AsRef<Path>) -> Worker {
+        Self::start_wrapped(&[], url, config, dir, &[])
+    }
+
+    /// [`Worker::start`] run through `wrapper` (e.g. `ip netns exec NS`, which execs the worker,
+    /// so the pid is still the worker's), with extra environment variables.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        url: &str,
+        config: &str,
+        dir: impl AsRef<Path>,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let dir = dir.as_ref();
         let n = next_file_number();
         let config_path = dir.join(format!("worker-{n}.toml"));
         let log_path = dir.join(format!("worker-{n}.log"));
         std::fs::write(&config_path, config).expect("write worker config");
         let log = open_log(&log_path);
-        let child = Command::new(env!("CARGO_BIN_EXE_rota-worker"))
+        let binary = env!("CARGO_BIN_EXE_rota-worker");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--coordinator")
             .arg(url)
             .arg("--config")
@@ -373,6 +425,7 @@ impl Worker {
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
