@@ -783,6 +783,13 @@ mod tests {
     use crate::proto::JobState;
 
     fn start(dir: &std::path::Path) -> (Engine, EngineTask, CancellationToken) {
+        start_with_min_free(dir, 0)
+    }
+
+    fn start_with_min_free(
+        dir: &std::path::Path,
+        min_free_disk: u64,
+    ) -> (Engine, EngineTask, CancellationToken) {
         let store = Arc::new(Store::open(dir, 1 << 20).unwrap());
         let settings = Settings {
             lease_timeout: Duration::from_secs(30),
@@ -794,7 +801,7 @@ mod tests {
         let place = StoreSettings {
             data_dir: dir.to_path_buf(),
             cache_bytes: 1 << 20,
-            min_free_disk: 0,
+            min_free_disk,
         };
         let (engine, task) =
             Engine::start(state, store, Arc::new(SystemClock), place, stop.clone());
@@ -821,6 +828,38 @@ mod tests {
         let results = engine.submit((0..1000).map(job).collect()).await.unwrap();
         assert_eq!(results.len(), 1000);
         assert_eq!(engine.store_handle().unwrap().0.sync_count() - before, 1);
+        stop.cancel();
+        task.wait().await;
+    }
+
+    #[tokio::test]
+    async fn new_work_is_refused_below_min_free_disk_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // No disk has this much free: every new piece of work is refused.
+        let (engine, task, stop) = start_with_min_free(dir.path(), u64::MAX / 16);
+        let before = engine.store_handle().unwrap().0.sync_count();
+        let refused = engine.submit(vec![job(1)]).await.unwrap_err();
+        assert!(matches!(refused, Error::DiskFull(_)), "{refused:?}");
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().starts_with("disk full: "), "{status:?}");
+        let retry = engine.retry(JobId::generate()).await.unwrap_err();
+        assert!(matches!(retry, Error::DiskFull(_)), "{retry:?}");
+        let trigger = engine.trigger_schedule("s".into()).await.unwrap_err();
+        assert!(matches!(trigger, Error::DiskFull(_)), "{trigger:?}");
+        // What is not new work is decided as usual.
+        let cancel = engine.cancel(JobId::generate(), String::new()).await;
+        assert!(matches!(cancel, Err(Error::NotFound(_))), "{cancel:?}");
+        assert_eq!(engine.store_handle().unwrap().0.sync_count(), before);
+        assert!(engine
+            .store_handle()
+            .unwrap()
+            .0
+            .snapshot()
+            .unwrap()
+            .jobs
+            .is_empty());
+        assert!(!engine.recovering_now());
         stop.cancel();
         task.wait().await;
     }
