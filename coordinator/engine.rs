@@ -514,9 +514,10 @@ async fn run(
     shutdown: CancellationToken,
     settings: StoreSettings,
 ) {
-    let mut guard = DiskGuard::new(&settings.data_dir, settings.min_free_disk);
     let mut rounds = 0u64;
     loop {
+        // A fresh guard per epoch: the disk has changed while the store was closed.
+        let mut guard = DiskGuard::new(&settings.data_dir, settings.min_free_disk);
         let failed = serve(&shared, &mut rx, &shutdown, &mut guard, &mut rounds).await;
         if !failed || !recover(&shared, &mut rx, &shutdown, &settings, rounds).await {
             return;

@@ -53,6 +53,35 @@ fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `ip ARGS...`, ignoring failure (for cleanup).
+fn ip_quietly(args: &[&str]) {
+    let _ = Command::new("ip")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Deletes the namespaces and veths of earlier runs that were killed before their `Drop` ran
+/// (their process is gone).
+fn sweep_stale_hosts() {
+    for line in ip(&["netns", "list"]).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some((pid, n)) = name
+            .strip_prefix("rota-part-")
+            .and_then(|rest| rest.split_once('-'))
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        if pid as u32 != std::process::id() && !alive(pid) {
+            ip_quietly(&["netns", "delete", name]);
+            ip_quietly(&["link", "delete", &format!("rp{pid}h{n}")]);
+        }
+    }
+}
+
 /// A /24 under 10.213.0.0/16 that no address or route on this machine uses yet.
 fn free_subnet() -> u8 {
     let taken = format!(
@@ -147,15 +176,8 @@ impl Drop for Host {
     fn drop(&mut self) {
         // Deleting the namespace deletes the veth end inside it, and with it the pair; the
         // outer end is deleted too in case a process still holds the namespace open.
-        for args in [
-            vec!["netns", "delete", self.ns.as_str()],
-            vec!["link", "delete", self.outer.as_str()],
-        ] {
-            let _ = Command::new("ip")
-                .args(&args)
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
+        ip_quietly(&["netns", "delete", &self.ns]);
+        ip_quietly(&["link", "delete", &self.outer]);
     }
 }
 
@@ -203,6 +225,7 @@ async fn wait_log_line(path: &Path, needles: &[&str], what: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_workers_lease_expires_and_its_late_result_is_rejected() {
     require_root_and_ip();
+    sweep_stale_hosts();
     let dir = TempDir::new().unwrap();
     let subnet = free_subnet();
     // Declared first, so they are dropped last: after the processes that use them.
