@@ -57,8 +57,9 @@ pub struct Config {
     pub default_shutdown_grace: Duration,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
-    /// New work is refused while less than this is free on the data
-    /// directory's disk (0: no limit).
+    /// Free space kept on the data directory's disk beyond the room for
+    /// finishing accepted work; new work that would cut into it is refused
+    /// (0: no check).
     pub min_free_disk: u64,
     /// Schedules declared in the config file, checked.
     pub schedules: Vec<crate::proto::Schedule>,

@@ -5,10 +5,12 @@
 //! `ENOSPC`, every later write fails until the database is reopened (the
 //! engine then reopens it; see [`crate::coordinator::recovery`]). So the
 //! coordinator refuses *new work* — `SubmitJob(s)`, `RetryJob`, `PutSchedule`,
-//! `TriggerSchedule` — with `RESOURCE_EXHAUSTED` while the free space is below
-//! `min_free_disk`, and keeps making the writes that finish work it already
-//! accepted (leases, completions, retries, expiries, schedule fires, cancels):
-//! their number is bounded by the jobs already stored.
+//! `TriggerSchedule` — with `RESOURCE_EXHAUSTED` unless, after it, the disk
+//! still has room to finish every unfinished job (each job's lease and
+//! completion rewrite its record: [`FINISH_RESERVE`] disk bytes are kept per
+//! byte of unfinished record) plus `min_free_disk`. The writes that finish
+//! accepted work (leases, completions, retries, expiries, schedule fires,
+//! cancels) are always made: that reserve is theirs.
 //!
 //! Checking is cheap. [`Budget`] (pure) decides from the last `statvfs`
 //! reading and the bytes written since, and asks for a new reading at most
@@ -24,6 +26,10 @@ use std::time::{Duration, Instant};
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// Disk bytes counted per byte of record written (sled's log, measured 2–3).
 pub const AMPLIFICATION: u64 = 4;
+/// Disk bytes kept free per byte of an unfinished job's record: its lease and
+/// its completion each rewrite the record (completing 18 MiB of queued 64 KiB
+/// records took 15 MiB of disk on tmpfs; sled reclaims the old versions).
+pub const FINISH_RESERVE: u64 = 4;
 /// Bytes counted for a request that writes one or two small records
 /// (`RetryJob`, `TriggerSchedule`) beyond its own encoded size.
 pub const RECORD_OVERHEAD: u64 = 512;
@@ -31,18 +37,21 @@ pub const RECORD_OVERHEAD: u64 = 512;
 /// Why new work is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DiskError {
-    /// The free space is (or would be, after this request) below `min_free_disk`.
+    /// After this request, the disk would lack room to finish the accepted
+    /// work and keep `min_free_disk` free.
     #[error(
-        "disk full: {free} free on the disk of the data directory {dir}, this request needs about {need}, and min_free_disk ({min}) must stay free; new work is refused until space is freed (work already accepted still completes)",
-        free = human(*available), need = human(*needed), min = human(*min_free), dir = dir.display()
+        "disk full: {free} free on the disk of the data directory {dir}; this request needs about {need}, finishing the work already accepted needs about {reserved}, and min_free_disk ({min}) must stay free; new work is refused until space is freed (work already accepted still completes)",
+        free = human(*available), need = human(*needed), reserved = human(*reserved), min = human(*min_free), dir = dir.display()
     )]
     Full {
         /// The data directory.
         dir: PathBuf,
         /// Bytes free, as estimated now.
         available: u64,
-        /// Disk bytes this request would take, as estimated.
+        /// Disk bytes this request would take, finishing it included.
         needed: u64,
+        /// Disk bytes kept for finishing the unfinished jobs.
+        reserved: u64,
         /// The `min_free_disk` setting.
         min_free: u64,
     },
@@ -53,8 +62,10 @@ pub enum DiskError {
 pub struct Shortfall {
     /// Bytes free, as estimated now.
     pub available: u64,
-    /// Disk bytes the request would take, as estimated.
+    /// Disk bytes the request would take, finishing it included.
     pub needed: u64,
+    /// Disk bytes kept for finishing the unfinished jobs.
+    pub reserved: u64,
 }
 
 /// The pure decision: from the last reading of the free space and the bytes
@@ -133,22 +144,32 @@ impl Budget {
         self.available.map(|a| a.saturating_sub(used))
     }
 
-    /// Admits new work that writes about `bytes` of records, if `min_free`
-    /// stays free after it; the bytes count against later requests until the
-    /// next [`Budget::wrote`]. Unknown free space admits (the store itself
-    /// reports a real failure).
-    pub fn admit(&mut self, bytes: u64) -> Result<(), Shortfall> {
+    /// Admits new work that writes about `bytes` of records, if the disk
+    /// still has room after it to finish it and the `live` bytes of unfinished
+    /// records, and keep `min_free` free; the bytes count against later
+    /// requests until the next [`Budget::wrote`]. Unknown free space admits
+    /// (the store itself reports a real failure).
+    pub fn admit(&mut self, bytes: u64, live: u64) -> Result<(), Shortfall> {
         if !self.enabled() {
             return Ok(());
         }
         let Some(free) = self.estimated_free() else {
             return Ok(());
         };
-        let needed = bytes.saturating_mul(AMPLIFICATION);
-        if free < self.min_free.saturating_add(needed) {
+        let reserved = live.saturating_mul(FINISH_RESERVE);
+        let needed = bytes
+            .saturating_mul(AMPLIFICATION)
+            .saturating_add(bytes.saturating_mul(FINISH_RESERVE));
+        if free
+            < self
+                .min_free
+                .saturating_add(reserved)
+                .saturating_add(needed)
+        {
             return Err(Shortfall {
                 available: free,
                 needed,
+                reserved,
             });
         }
         self.reserved += bytes;
@@ -198,12 +219,14 @@ impl DiskGuard {
         }
     }
 
-    /// Admits new work that writes about `bytes` of records, or says why not.
-    pub fn admit(&mut self, bytes: u64) -> Result<(), DiskError> {
-        self.budget.admit(bytes).map_err(|s| DiskError::Full {
+    /// Admits new work that writes about `bytes` of records while `live` bytes
+    /// of unfinished records wait to be finished, or says why not.
+    pub fn admit(&mut self, bytes: u64, live: u64) -> Result<(), DiskError> {
+        self.budget.admit(bytes, live).map_err(|s| DiskError::Full {
             dir: self.dir.clone(),
             available: s.available,
             needed: s.needed,
+            reserved: s.reserved,
             min_free: self.min_free,
         })
     }
@@ -259,7 +282,7 @@ mod tests {
     fn off_when_min_free_is_zero() {
         let mut b = Budget::new(0);
         assert!(!b.probe_due(Instant::now()));
-        assert_eq!(b.admit(u64::MAX / 8), Ok(()));
+        assert_eq!(b.admit(u64::MAX / 8, u64::MAX / 8), Ok(()));
     }
 
     #[test]
@@ -267,14 +290,14 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Budget::new(10 * MIB);
         assert!(b.probe_due(t0), "the first decision needs a reading");
-        assert_eq!(b.admit(MIB), Ok(()), "unknown free space admits");
+        assert_eq!(b.admit(MIB, 0), Ok(()), "unknown free space admits");
         b.wrote(0);
         b.observe(t0, 12 * MIB);
-        // 1 KiB of records counts 4 KiB of disk: fits in the 2 MiB headroom.
-        assert_eq!(b.admit(1024), Ok(()));
-        // 1 MiB counts 4 MiB: it would leave less than the 10 MiB limit.
-        let refused = b.admit(MIB).unwrap_err();
-        assert_eq!(refused.needed, 4 * MIB);
+        // 1 KiB of records counts 4 KiB written and 4 KiB to finish: it fits.
+        assert_eq!(b.admit(1024, 0), Ok(()));
+        // 256 KiB counts 2 MiB: it would leave less than the 10 MiB limit.
+        let refused = b.admit(256 << 10, 0).unwrap_err();
+        assert_eq!(refused.needed, 2 * MIB);
         assert_eq!(
             refused.available,
             12 * MIB - 4096,
@@ -282,26 +305,37 @@ mod tests {
         );
         // Below the limit, even a tiny request is refused.
         b.observe(at(t0, 300), 9 * MIB);
-        assert!(b.admit(1).is_err());
+        assert!(b.admit(1, 0).is_err());
         // Space freed: admitted again.
         b.observe(at(t0, 600), 100 * MIB);
-        assert_eq!(b.admit(MIB), Ok(()));
+        assert_eq!(b.admit(MIB, 0), Ok(()));
+    }
+
+    #[test]
+    fn keeps_room_to_finish_the_accepted_work() {
+        let mut b = Budget::new(MIB);
+        b.observe(Instant::now(), 10 * MIB);
+        // 2 MiB of unfinished records keep 8 MiB: 1 KiB of new work (8 KiB) still fits.
+        assert_eq!(b.admit(1024, 2 * MIB), Ok(()));
+        // 2.25 MiB keep 9 MiB: with the 1 MiB limit, nothing fits any more.
+        let refused = b.admit(1024, 9 * MIB / 4).unwrap_err();
+        assert_eq!(refused.reserved, 9 * MIB);
+        assert_eq!(refused.needed, 8 * 1024);
+        assert_eq!(refused.available, 10 * MIB - 4096);
     }
 
     #[test]
     fn admitted_bytes_count_once_after_they_are_written() {
         let t0 = Instant::now();
         let mut b = Budget::new(MIB);
-        b.observe(t0, 2 * MIB);
-        b.admit(100 << 10).unwrap();
-        b.admit(100 << 10).unwrap();
-        assert_eq!(b.estimated_free(), Some(2 * MIB - 800 * 1024));
+        b.observe(t0, 4 * MIB);
+        b.admit(100 << 10, 0).unwrap();
+        b.admit(100 << 10, 100 << 10).unwrap();
+        // Admitted, not yet written: counted at AMPLIFICATION.
+        assert_eq!(b.estimated_free(), Some(4 * MIB - 800 * 1024));
         // The round wrote what was admitted plus 10 KiB of other records.
         b.wrote(210 << 10);
-        assert_eq!(b.estimated_free(), Some(2 * MIB - 840 * 1024));
-        // 46 KiB more is 184 KiB of disk: 1,024 - 840 - 184 = 0 KiB above the limit.
-        assert_eq!(b.admit(46 << 10), Ok(()));
-        assert!(b.admit(1).is_err());
+        assert_eq!(b.estimated_free(), Some(4 * MIB - 840 * 1024));
     }
 
     #[test]
@@ -324,7 +358,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Budget::new(MIB);
         b.observe(t0, MIB / 2);
-        assert!(b.admit(10).is_err());
+        assert!(b.admit(10, 0).is_err());
         assert!(!b.probe_due(at(t0, 10)), "refused work writes nothing");
         b.wrote(10);
         assert!(
@@ -338,9 +372,9 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Budget::new(MIB);
         b.observe(t0, 0);
-        assert!(b.admit(1).is_err());
+        assert!(b.admit(1, 0).is_err());
         b.observe_failure(at(t0, 250));
-        assert_eq!(b.admit(1), Ok(()));
+        assert_eq!(b.admit(1, 0), Ok(()));
         assert!(!b.probe_due(at(t0, 300)));
         assert!(b.probe_due(at(t0, 250) + PROBE_EVERY));
     }
@@ -349,11 +383,12 @@ mod tests {
     fn the_refusal_says_the_disk_is_full_and_names_the_numbers() {
         let mut g = DiskGuard::new(Path::new("/var/lib/rota"), 256 * MIB);
         g.budget.observe(Instant::now(), 100 * MIB);
-        let msg = g.admit(300).unwrap_err().to_string();
+        let msg = g.admit(300, 1000).unwrap_err().to_string();
         assert!(msg.starts_with("disk full: 100.0 MiB free"), "{msg}");
         assert!(msg.contains("/var/lib/rota"), "{msg}");
         assert!(msg.contains("min_free_disk (256.0 MiB)"), "{msg}");
-        assert!(msg.contains("needs about 1.2 KiB"), "{msg}");
+        assert!(msg.contains("request needs about 2.3 KiB"), "{msg}");
+        assert!(msg.contains("accepted needs about 3.9 KiB"), "{msg}");
     }
 
     #[test]

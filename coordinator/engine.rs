@@ -11,8 +11,9 @@
 //! share one, and nobody is told of a change before it is on disk.
 //!
 //! New work (submits, retries, new schedules, triggers) is first admitted by
-//! the [`DiskGuard`]: below `min_free_disk` it is refused with
-//! `RESOURCE_EXHAUSTED` while everything that finishes accepted work goes on.
+//! the [`DiskGuard`]: unless the disk keeps room to finish the accepted work
+//! plus `min_free_disk`, it is refused with `RESOURCE_EXHAUSTED`, while
+//! everything that finishes accepted work goes on.
 //!
 //! If the store fails anyway (a write or a sync: a full disk, an I/O error),
 //! nothing of the failed rounds is acknowledged: every waiting caller gets
@@ -22,7 +23,8 @@
 //! the store and rebuilds the model from it, as a restart would. Workers
 //! reconnect and resume their leases. Each opening of the store is an *epoch*;
 //! a read begun in an epoch that failed fails too, rather than return what may
-//! not be durable.
+//! not be durable. If sled cannot close the failed store, the engine stops
+//! ([`Health::Stuck`]) and so does the coordinator, for a restart.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +57,8 @@ pub struct StoreSettings {
     pub data_dir: PathBuf,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
-    /// New work is refused while less than this is free on the disk (0: never).
+    /// Free disk kept beyond the room for finishing accepted work; new work
+    /// that would cut into it is refused (0: no check).
     pub min_free_disk: u64,
 }
 
@@ -67,6 +70,10 @@ pub enum Health {
     /// The store failed; every call is answered `UNAVAILABLE` with this reason
     /// until it is reopened.
     Recovering(String),
+    /// The store failed and sled would not close it, so it cannot be reopened
+    /// in this process: the engine has stopped and the coordinator stops too
+    /// (a restart reopens the store).
+    Stuck(String),
 }
 
 /// A request for a change.
@@ -122,7 +129,7 @@ impl Shared {
     /// Why the store failed (or why it is not reopened yet).
     fn why(&self) -> String {
         match &*self.health.borrow() {
-            Health::Recovering(why) => why.clone(),
+            Health::Recovering(why) | Health::Stuck(why) => why.clone(),
             Health::Serving => "the store failed".into(),
         }
     }
@@ -219,6 +226,14 @@ impl Engine {
     /// Whether the store has failed and is not reopened yet.
     pub fn recovering_now(&self) -> bool {
         *self.shared.health.borrow() != Health::Serving
+    }
+
+    /// Resolves if the store failed and cannot be reopened in this process:
+    /// the engine has stopped, and the coordinator should stop too.
+    pub async fn stuck(&self) {
+        let mut health = self.shared.health.subscribe();
+        // The sender lives as long as `self`.
+        let _ = health.wait_for(|h| matches!(h, Health::Stuck(_))).await;
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
@@ -444,7 +459,7 @@ fn submit_bytes(jobs: &[Job]) -> u64 {
 fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard: &mut DiskGuard) {
     match cmd {
         Command::Submit(jobs, r) => {
-            let v = match guard.admit(submit_bytes(&jobs)) {
+            let v = match guard.admit(submit_bytes(&jobs), state.live_bytes()) {
                 Ok(()) => state.submit(jobs, now, store),
                 Err(full) => return drop(r.send(Err(full.into()))),
             };
@@ -455,7 +470,7 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard
             reply_after(state, r, v);
         }
         Command::Retry(id, r) => {
-            let v = match guard.admit(disk::RECORD_OVERHEAD) {
+            let v = match guard.admit(disk::RECORD_OVERHEAD, state.live_bytes()) {
                 Ok(()) => state.retry(id, now, store),
                 Err(full) => return drop(r.send(Err(full.into()))),
             };
@@ -468,7 +483,7 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard
         Command::PutSchedule(put, r) => {
             let (schedule, spec) = *put;
             let bytes = schedule.encoded_len() as u64 + disk::RECORD_OVERHEAD;
-            let v = match guard.admit(bytes) {
+            let v = match guard.admit(bytes, state.live_bytes()) {
                 Ok(()) => state.put_schedule(schedule, spec, now, false),
                 Err(full) => return drop(r.send(Err(full.into()))),
             };
@@ -487,7 +502,7 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard
             reply_after(state, r, v);
         }
         Command::TriggerSchedule(name, r) => {
-            let v = match guard.admit(2 * disk::RECORD_OVERHEAD) {
+            let v = match guard.admit(2 * disk::RECORD_OVERHEAD, state.live_bytes()) {
                 Ok(()) => state.trigger_schedule(&name, now),
                 Err(full) => return drop(r.send(Err(full.into()))),
             };
@@ -507,7 +522,7 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard
 }
 
 /// The engine task: serves epoch after epoch, recovering between them, until
-/// shutdown.
+/// shutdown, or until a failed store cannot be closed (see [`Health::Stuck`]).
 async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Command>,
@@ -518,37 +533,55 @@ async fn run(
     loop {
         // A fresh guard per epoch: the disk has changed while the store was closed.
         let mut guard = DiskGuard::new(&settings.data_dir, settings.min_free_disk);
-        let failed = serve(&shared, &mut rx, &shutdown, &mut guard, &mut rounds).await;
-        if !failed || !recover(&shared, &mut rx, &shutdown, &settings, rounds).await {
+        let end = serve(&shared, &mut rx, &shutdown, &mut guard, &mut rounds).await;
+        if !end.failed {
+            // A clean stop: the sync thread makes the last writes durable.
+            let _ = end.synced.await;
+            return;
+        }
+        if !recover(&shared, &mut rx, &shutdown, &settings, rounds, end.synced).await {
             return;
         }
     }
 }
 
+/// How an epoch ended.
+struct EpochEnd {
+    /// Its store failed (rather than a shutdown).
+    failed: bool,
+    /// Resolves (with an error) when the epoch's sync thread has finished.
+    synced: oneshot::Receiver<()>,
+}
+
 /// Serves one epoch: decides rounds and hands them to a sync thread until
-/// shutdown (returns `false`) or a store failure (returns `true`). Either way
-/// every session and watch stream ends (leases stay stored) and every waiting
-/// caller is answered before it returns.
+/// shutdown or a store failure. Either way every session and watch stream ends
+/// (leases stay stored) and every caller waiting for the engine is answered.
 async fn serve(
     shared: &Arc<Shared>,
     rx: &mut mpsc::UnboundedReceiver<Command>,
     shutdown: &CancellationToken,
     guard: &mut DiskGuard,
     round_number: &mut u64,
-) -> bool {
+) -> EpochEnd {
     let (store, epoch) = {
         let model = shared.lock();
         let store = model.store.clone().expect("an epoch starts with its store");
         (store, model.epoch.clone())
     };
     let (sync_tx, sync_rx) = std::sync::mpsc::channel::<Round>();
-    let syncer = {
+    // Dropped when the sync thread ends: how its end is awaited without a
+    // blocking join (after some failures sled never returns from a flush).
+    let (finished, synced) = oneshot::channel::<()>();
+    {
         let (shared, store, epoch) = (shared.clone(), store.clone(), epoch.clone());
         std::thread::Builder::new()
             .name("rota-sync".into())
-            .spawn(move || sync_loop(&shared, &store, &epoch, sync_rx))
-            .expect("spawning the sync thread")
-    };
+            .spawn(move || {
+                let _finished = finished;
+                sync_loop(&shared, &store, &epoch, sync_rx)
+            })
+            .expect("spawning the sync thread");
+    }
     let mut commands = Vec::with_capacity(64);
     loop {
         let now = shared.clock.now();
@@ -601,8 +634,8 @@ async fn serve(
         }
     }
     let failed = epoch.is_cancelled();
-    // End every session and watch stream (their leases stay stored), answer
-    // what is still waiting, then let the sync thread finish.
+    // End every session and watch stream (their leases stay stored) and answer
+    // what is still waiting; the sync thread finishes on its own.
     shared.lock().state.close_streams();
     if !failed {
         rx.close();
@@ -616,51 +649,84 @@ async fn serve(
             }
         });
     }
-    drop(sync_tx);
-    drop(store);
-    let _ = tokio::task::spawn_blocking(move || syncer.join()).await;
-    failed
+    EpochEnd { failed, synced }
 }
 
-/// Waits out a store failure: answers every call with `UNAVAILABLE`, and
-/// reopens the store once the disk has room. Returns `false` if shut down first.
+/// Runs `work` while answering every command with the store's failure.
+/// `None` if the engine is shut down (or all its handles are gone) first.
+async fn refusing<F: std::future::Future>(
+    shared: &Shared,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &CancellationToken,
+    work: F,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            out = &mut work => return Some(out),
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => refuse(cmd, || shared.failure()),
+                None => return None,
+            },
+        }
+    }
+}
+
+/// Waits out a store failure, answering every call with `UNAVAILABLE`: closes
+/// the failed store, then reopens it once the disk has room. Returns `false`
+/// if shut down first, or if the failed store cannot be closed (sled is stuck;
+/// the health turns [`Health::Stuck`] and the coordinator stops, for its
+/// supervisor to restart it).
 async fn recover(
     shared: &Arc<Shared>,
     rx: &mut mpsc::UnboundedReceiver<Command>,
     shutdown: &CancellationToken,
     settings: &StoreSettings,
     rounds: u64,
+    synced: oneshot::Receiver<()>,
 ) -> bool {
-    let (failure, state_settings, last_generation) = {
+    let (failed_store, failure, state_settings, last_generation) = {
         let mut model = shared.lock();
-        // sled lets go of its files once the last handle is gone.
-        model.store = None;
-        let failure = shared.why();
         let state = &model.state;
-        (failure, state.settings().clone(), state.last_generation())
+        let kept = (state.settings().clone(), state.last_generation());
+        (model.store.take(), shared.why(), kept.0, kept.1)
     };
+    // sled lets go of its files once the last handle is closed.
+    let closing = async {
+        let synced = tokio::time::timeout(recovery::CLOSE_TIMEOUT, synced).await;
+        synced.is_ok() && recovery::close_store(failed_store).await
+    };
+    match refusing(shared, rx, shutdown, closing).await {
+        None => return false,
+        Some(true) => {}
+        Some(false) => {
+            let why = format!(
+                "{failure}; the failed store did not close within {:?} (sled is stuck), so it cannot be reopened in this process: restart the coordinator",
+                recovery::CLOSE_TIMEOUT
+            );
+            tracing::error!(error = %why, "stopping");
+            shared.health.send_replace(Health::Stuck(why));
+            return false;
+        }
+    }
     let mut delay = recovery::FIRST_RETRY;
     loop {
-        let until = tokio::time::Instant::now() + delay;
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return false,
-                cmd = rx.recv() => match cmd {
-                    Some(cmd) => refuse(cmd, || shared.failure()),
-                    None => return false,
-                },
-                _ = tokio::time::sleep_until(until) => break,
-            }
+        let wait = tokio::time::sleep(delay);
+        if refusing(shared, rx, shutdown, wait).await.is_none() {
+            return false;
         }
-        let reopened = recovery::reopen(
+        let reopen = recovery::reopen(
             &settings.data_dir,
             settings.cache_bytes,
             settings.min_free_disk,
             state_settings.clone(),
             shared.clock.now(),
-        )
-        .await;
+        );
+        let Some(reopened) = refusing(shared, rx, shutdown, reopen).await else {
+            return false;
+        };
         match reopened {
             Ok((store, mut state)) => {
                 state.continue_generations_after(last_generation);

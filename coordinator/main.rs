@@ -41,8 +41,9 @@ struct Cli {
     #[arg(long, env = "ROTA_CACHE_SIZE")]
     cache_size: Option<String>,
     /// New work (submits, retries, new schedules, triggers) is refused with
-    /// RESOURCE_EXHAUSTED while less than this is free on the data directory's
-    /// disk; running jobs still complete. 0 turns the check off [default: 256MiB].
+    /// RESOURCE_EXHAUSTED unless this much stays free on the data directory's
+    /// disk beyond the room kept to finish the accepted jobs, which always
+    /// complete. 0 turns the check off [default: 256MiB].
     #[arg(long, env = "ROTA_MIN_FREE_DISK")]
     min_free_disk: Option<String>,
 }

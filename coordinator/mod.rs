@@ -61,9 +61,10 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// Stopped while the store had failed and was not reopened yet; nothing
-    /// unacknowledged was promised.
-    #[error("stopped while the store had failed and was not reopened (see the log)")]
+    /// Stopped while the store had failed and was not reopened yet (or it
+    /// could not be reopened in this process); nothing unacknowledged was
+    /// promised, and a restart reopens it.
+    #[error("stopped while the store had failed and was not reopened (see the log); a restart reopens it")]
     StoreFailed,
     /// A schedule declared in the config file was refused.
     #[error("declared schedule: {0}")]
@@ -216,9 +217,12 @@ impl Coordinator {
         .max_decoding_message_size(MAX_MESSAGE);
 
         let stop = root.clone();
+        let watcher = engine.clone();
         tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!("shutting down");
+            tokio::select! {
+                _ = shutdown => tracing::info!("shutting down"),
+                _ = watcher.stuck() => tracing::error!("the store cannot be reopened in this process; shutting down"),
+            }
             stop.cancel();
         });
         tokio::spawn(follow_health(engine.health(), health.clone()));
@@ -284,7 +288,7 @@ async fn follow_health(
     while engine_health.changed().await.is_ok() {
         let status = match *engine_health.borrow_and_update() {
             Health::Serving => tonic_health::ServingStatus::Serving,
-            Health::Recovering(_) => tonic_health::ServingStatus::NotServing,
+            Health::Recovering(_) | Health::Stuck(_) => tonic_health::ServingStatus::NotServing,
         };
         for name in names {
             reporter.set_service_status(name, status).await;

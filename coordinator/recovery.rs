@@ -8,11 +8,21 @@
 //! RUNNING jobs keep their leases for one lease timeout, so workers that
 //! reconnect resume them and report their results once.
 //!
+//! First the failed store is closed ([`close_store`]), which sled allows only
+//! once every handle to it is gone. sled 0.34 can get stuck there: when the
+//! write of a large record's own file (a "blob") fails, the log buffer it had
+//! claimed is never released, and every later flush — including the one sled
+//! runs when the database is dropped — waits for it forever. So the close runs
+//! on a thread of its own and is given [`CLOSE_TIMEOUT`]; if it does not finish
+//! the store cannot be reopened in this process (sled still holds its lock),
+//! and the coordinator stops for its supervisor to restart it.
+//!
 //! A reopen waits until the disk has `min_free_disk` free again: reopening
 //! into a full disk would only fail again. Attempts back off from
 //! [`FIRST_RETRY`] to [`MAX_RETRY`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::coordinator::disk::{self, human};
@@ -23,6 +33,9 @@ use crate::coordinator::store::{Store, StoreError};
 pub const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait between attempts.
 pub const MAX_RETRY: Duration = Duration::from_secs(5);
+/// How long the failed store's sync thread, and then closing the store, may
+/// take before sled counts as stuck.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the store was not reopened (yet).
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +74,42 @@ pub enum RecoveryError {
 /// The wait after an attempt that waited `delay`.
 pub fn next_retry(delay: Duration) -> Duration {
     (delay * 2).clamp(FIRST_RETRY, MAX_RETRY)
+}
+
+/// Closes a failed store once nobody else holds it, on a thread of its own.
+/// `true` if it closed within [`CLOSE_TIMEOUT`]; `false` if it is still held
+/// or sled is stuck closing it (the thread is then left behind).
+pub async fn close_store(store: Option<Arc<Store>>) -> bool {
+    let Some(store) = store else {
+        return true;
+    };
+    let (closed, done) = tokio::sync::oneshot::channel::<()>();
+    let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
+    let spawned = std::thread::Builder::new()
+        .name("rota-close".into())
+        .spawn(move || {
+            // Scans of the store (ListJobs) hold it for a moment.
+            let mut store = store;
+            loop {
+                match Arc::try_unwrap(store) {
+                    Ok(only) => break drop(only),
+                    Err(shared) if std::time::Instant::now() < deadline => {
+                        store = shared;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => return,
+                }
+            }
+            let _ = closed.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot spawn a thread to close the store");
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), done).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Checks that the disk of `dir` has room, reopens the store in it and

@@ -386,3 +386,150 @@ async fn a_write_that_finds_the_disk_full_is_not_acknowledged_and_the_store_is_r
     let client = job_client(&coord.url()).await;
     assert_each_ran_once(&client, &acked, &runs).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_fill_the_disk_are_refused_in_time_and_every_accepted_one_completes() {
+    let dir = TempDir::new().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "48M");
+    let coord = Coordinator::start_with(
+        dir.path(),
+        Placement {
+            listen: "127.0.0.1:0",
+            data_dir: Some(disk.path.join("data")),
+        },
+        &["--min-free-disk", "16MiB"],
+        &[],
+    );
+    let url = coord.url();
+    let client = job_client(&url).await;
+    let runs = dir.path().join("runs.log");
+
+    // Batches of 16 jobs of 64 KiB until the coordinator says the disk is full. No worker yet:
+    // every accepted job waits, and its lease and completion will rewrite its record.
+    let mut acked = BTreeMap::new();
+    let refused = loop {
+        let jobs: Vec<Job> = (0..16)
+            .map(|i| keyed_job(&format!("fill-{}-{i}", acked.len()), 64 << 10))
+            .collect();
+        let keys: Vec<String> = jobs.iter().map(|j| j.idempotency_key.clone()).collect();
+        match client.clone().submit_jobs(SubmitJobsRequest { jobs }).await {
+            Ok(response) => {
+                for (key, result) in keys.into_iter().zip(response.into_inner().results) {
+                    acked.insert(key, result.job.expect("a job").id);
+                }
+            }
+            Err(status) => break status,
+        }
+        assert!(acked.len() < 10_000, "48 MiB never filled up");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let msg = refused.message();
+    assert!(msg.starts_with("disk full: "), "{msg}");
+    assert!(
+        msg.contains("finishing the work already accepted needs about"),
+        "{msg}"
+    );
+    assert!(acked.len() >= 32, "only {} jobs fitted", acked.len());
+    let free_when_refused = disk.free();
+
+    // The room kept for them is enough: every accepted job runs and completes.
+    let worker = disk_worker(&url, dir.path(), &runs);
+    assert_each_ran_once(&client, &acked, &runs).await;
+    let free = disk.free();
+    assert!(
+        free >= 16 * MIB,
+        "finishing the jobs ate into min_free_disk: {free} bytes free ({free_when_refused} when refused)"
+    );
+    assert_eq!(
+        health_of(&url, "rota.v1.JobService").await,
+        ServingStatus::Serving
+    );
+    let log = log_tail(coord.log_path());
+    assert!(
+        !log.contains("store write failed") && !log.contains("store sync failed"),
+        "{log}"
+    );
+
+    // With nothing left to finish, the same room takes new work again.
+    let id = submit_id(&client, keyed_job("after", 64 << 10)).await;
+    acked.insert("after".into(), id);
+    assert_each_ran_once(&client, &acked, &runs).await;
+    drop(worker);
+}
+
+/// sled 0.34 writes a record over 128 KiB to a file of its own (a "blob"); when that write fails,
+/// the log buffer it had claimed is never released and sled cannot flush or close any more.
+/// The coordinator cannot reopen such a store in-process: it stops, and a restart (its
+/// supervisor's) finds every acknowledged job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_sled_cannot_close_after_a_full_disk_stops_the_coordinator_and_a_restart_loses_nothing(
+) {
+    let dir = TempDir::new().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "32M");
+    let mut coord = Coordinator::start_with(
+        dir.path(),
+        Placement {
+            listen: "127.0.0.1:0",
+            data_dir: Some(disk.path.join("data")),
+        },
+        &["--min-free-disk", "4MiB"],
+        &[],
+    );
+    let url = coord.url();
+    let client = job_client(&url).await;
+    let runs = dir.path().join("runs.log");
+    let mut acked = BTreeMap::new();
+    for i in 0..8 {
+        let key = format!("big-{i}");
+        acked.insert(
+            key.clone(),
+            submit_id(&client, keyed_job(&key, 200 << 10)).await,
+        );
+    }
+    let filler = disk.path.join("filler");
+    fill(&filler, &disk, 0);
+
+    // Leasing the jobs rewrites their 200 KiB records: blob writes that find the disk full.
+    let worker = disk_worker(&url, dir.path(), &runs);
+    wait_for(
+        BOUND,
+        "the job service NOT_SERVING after the failed write",
+        || {
+            let url = url.clone();
+            async move { health_of(&url, "rota.v1.JobService").await == ServingStatus::NotServing }
+        },
+    )
+    .await;
+    let refused = try_submit(&client, keyed_job("never", 10))
+        .await
+        .expect_err("no submit while the store has failed");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("disk full: "), "{refused:?}");
+
+    // sled does not close the store within the bound: the coordinator stops.
+    let status = coord.wait_exit(BOUND);
+    assert!(
+        !status.success(),
+        "a stuck store is a failed exit: {status:?}"
+    );
+    let log = log_tail(coord.log_path());
+    assert!(log.contains("sled is stuck"), "{log}");
+    assert!(
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .is_empty(),
+        "no job ran on a lease that was not durable"
+    );
+
+    // Its supervisor restarts it once space is freed: every acknowledged job is there and
+    // runs once, and new work is taken.
+    std::fs::remove_file(&filler).unwrap();
+    coord.restart();
+    let client = job_client(&coord.url()).await;
+    acked.insert(
+        "after".into(),
+        submit_id(&client, keyed_job("after", 1024)).await,
+    );
+    assert_each_ran_once(&client, &acked, &runs).await;
+    drop(worker);
+}

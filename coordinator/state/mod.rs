@@ -100,6 +100,9 @@ struct Live {
 struct LiveJobs {
     /// The encoded record and ready-index slot, by job.
     map: HashMap<JobId, Packed>,
+    /// The bytes of every record in `map`: what finishing them will write
+    /// again (the disk guard keeps room for it).
+    bytes: u64,
 }
 
 /// One unfinished job, encoded.
@@ -130,10 +133,13 @@ impl LiveJobs {
 
     /// Takes a job out, decoded.
     fn remove(&mut self, id: &JobId) -> Option<Live> {
-        self.map.remove(id).map(|p| Live {
-            rec: JobRecord::decode(&p.record)
-                .expect("records in the model were encoded by the model"),
-            ready: p.ready,
+        self.map.remove(id).map(|p| {
+            self.bytes -= p.record.len() as u64;
+            Live {
+                rec: JobRecord::decode(&p.record)
+                    .expect("records in the model were encoded by the model"),
+                ready: p.ready,
+            }
         })
     }
 
@@ -143,13 +149,17 @@ impl LiveJobs {
     }
 
     fn insert_encoded(&mut self, id: JobId, record: Vec<u8>, ready: Option<Slot>) {
-        self.map.insert(
+        self.bytes += record.len() as u64;
+        let replaced = self.map.insert(
             id,
             Packed {
                 record: record.into_boxed_slice(),
                 ready,
             },
         );
+        if let Some(old) = replaced {
+            self.bytes -= old.record.len() as u64;
+        }
     }
 }
 
@@ -298,6 +308,12 @@ impl State {
     /// The settings the model was built with (to rebuild it after a store failure).
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The bytes of the records of every unfinished job: about what finishing
+    /// them will write again, per transition.
+    pub fn live_bytes(&self) -> u64 {
+        self.jobs.bytes
     }
 
     /// The last session generation handed out.

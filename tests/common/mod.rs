@@ -234,6 +234,27 @@ impl Coordinator {
         terminate_child(&mut child, TERM_GRACE)
     }
 
+    /// Waits (polling, up to `bound`) for the coordinator to exit by itself; panics if it does
+    /// not. Returns the exit status; `restart` starts it again.
+    pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("coordinator is not running");
+        let deadline = Instant::now() + bound;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return status;
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
+                Ok(None) => panic!(
+                    "coordinator pid {} did not exit within {bound:?}",
+                    child.id()
+                ),
+                Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+            }
+        }
+    }
+
     /// Sends `signal` and waits for the exit (SIGKILL after a bound). Returns the exit status.
     pub fn signal_and_wait(&mut self, signal: libc::c_int) -> ExitStatus {
         let mut child = self.child.take().expect("coordinator is not running");
