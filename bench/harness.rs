@@ -68,9 +68,15 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts `rota-coordinator` on `data_dir` and waits for it to serve.
     pub fn start(data_dir: &Path, listen: &str) -> Result<Coordinator> {
+        Self::start_with_args(data_dir, listen, &[])
+    }
+
+    /// [`Coordinator::start`] with extra flags.
+    pub fn start_with_args(data_dir: &Path, listen: &str, args: &[&str]) -> Result<Coordinator> {
         let mut child = Command::new(sibling("rota-coordinator")?)
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -4,6 +4,7 @@
 //! stdout (nothing else). Build with `cargo build --release`.
 
 mod harness;
+mod retention;
 mod workloads;
 
 use anyhow::Result;
@@ -55,6 +56,17 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         jobs: usize,
     },
+    /// Data-dir size with N finished jobs kept, then deleted by retention; the sweep's rate and e2e beside it.
+    Retention {
+        #[arg(long, default_value_t = 1_000_000)]
+        jobs: usize,
+        /// Retention while the first N run (`forever`: no deletion index, for comparing memory).
+        #[arg(long, default_value = "1h")]
+        kept: String,
+        /// Stop after the first N ran (their size and memory).
+        #[arg(long)]
+        kept_only: bool,
+    },
     /// (internal) A no-op SDK worker process.
     #[command(hide = true)]
     Worker {
@@ -97,6 +109,11 @@ async fn main() -> Result<()> {
         Cmd::Depth { deep } => workloads::depth(deep).await,
         Cmd::Schedules { schedules, seconds } => workloads::schedules(schedules, seconds).await,
         Cmd::Compare { jobs } => workloads::compare(jobs).await,
+        Cmd::Retention {
+            jobs,
+            kept,
+            kept_only,
+        } => retention::retention(jobs, &kept, kept_only).await,
         Cmd::Worker {
             coordinator,
             slots,

@@ -18,11 +18,11 @@ use rota::worker::{TaskContext, TaskError, Worker};
 use crate::figure;
 use crate::harness::{channel, dir_size, jobs as job_client, Coordinator, Scratch, Workers};
 
-const WORKERS: usize = 4;
-const SLOTS: u32 = 16;
+pub(crate) const WORKERS: usize = 4;
+pub(crate) const SLOTS: u32 = 16;
 const SUBMITTERS: usize = 4;
 
-fn noop() -> Job {
+pub(crate) fn noop() -> Job {
     Job {
         kind: "noop".into(),
         ..Default::default()
@@ -38,7 +38,7 @@ fn time(ts: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
 }
 
 /// The value at quantile `q` of sorted `v`.
-fn quantile(v: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -65,7 +65,7 @@ pub async fn noop_worker(url: String, slots: u32, id: String) -> Result<()> {
 }
 
 /// Submits `n` no-op jobs in batches of `batch` from `SUBMITTERS` concurrent clients.
-async fn submit_batched(url: &str, n: usize, batch: usize) -> Result<()> {
+pub(crate) async fn submit_batched(url: &str, n: usize, batch: usize) -> Result<()> {
     let client = job_client(url).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for s in 0..SUBMITTERS {
@@ -88,7 +88,7 @@ async fn submit_batched(url: &str, n: usize, batch: usize) -> Result<()> {
     Ok(())
 }
 
-async fn stats(
+pub(crate) async fn stats(
     admin: &mut AdminServiceClient<tonic::transport::Channel>,
 ) -> Result<rota::proto::QueueStat> {
     let s = admin
@@ -151,7 +151,7 @@ pub async fn submit(n: usize) -> Result<()> {
 }
 
 /// One end-to-end run; returns jobs/s.
-async fn run_e2e(n: usize, command: bool) -> Result<f64> {
+pub(crate) async fn run_e2e(n: usize, command: bool) -> Result<f64> {
     let scratch = Scratch::new("e2e")?;
     let coord = Coordinator::start(&scratch.0.join("data"), "127.0.0.1:0")?;
     let _workers = if command {

@@ -2,8 +2,9 @@
 //! changes durable (group commit).
 //!
 //! Requests become [`Command`]s on a channel. The engine task takes every
-//! command waiting, lets the [`State`] decide them, fires due timers, dispatches
-//! ready jobs, applies the resulting record writes to sled as one atomic batch,
+//! command waiting, lets the [`State`] decide them, fires due timers, deletes
+//! at most one chunk of finished jobs whose retention has passed (and only
+//! once the previous chunk is durable), dispatches ready jobs, applies the resulting record writes to sled as one atomic batch,
 //! and hands the round to the sync thread. The sync thread gathers every round
 //! that arrived while it was busy, makes them durable with one flush and one
 //! fsync, and only then runs their effects (replies, `Assign` messages, watch
@@ -337,6 +338,12 @@ impl Engine {
         Ok(value)
     }
 
+    /// Waits until every write applied so far (in the current epoch) is durable.
+    pub async fn durable_now(&self) -> Result<(), Error> {
+        let epoch = Epoch(self.shared.lock().epoch.clone());
+        self.durable(&epoch).await
+    }
+
     /// Waits until every write applied so far in `epoch` is durable. Reads
     /// call it after reading, so that what they return has reached the disk;
     /// it fails if the epoch's store failed.
@@ -583,9 +590,27 @@ async fn serve(
             .expect("spawning the sync thread");
     }
     let mut commands = Vec::with_capacity(64);
+    let mut durable_rx = shared.durable.subscribe();
+    // The round of the last deletions. The next chunk waits until it is
+    // durable, so a sync (which the replies of its rounds wait for) never
+    // carries more than one chunk of deletions.
+    let mut sweep_round = 0u64;
     loop {
         let now = shared.clock.now();
-        let next = shared.lock().state.next_due();
+        let sweep_open = *durable_rx.borrow_and_update() >= sweep_round;
+        let next = {
+            let model = shared.lock();
+            let state = &model.state;
+            let deletion = if sweep_open {
+                state.next_deletion()
+            } else {
+                None
+            };
+            match (state.next_timer(), deletion) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
         let sleep = next.map(|t| t.duration_since(now).unwrap_or(Duration::ZERO));
         tokio::select! {
             biased;
@@ -593,6 +618,9 @@ async fn serve(
             _ = epoch.cancelled() => break,
             n = rx.recv_many(&mut commands, MAX_COMMANDS_PER_ROUND) => {
                 if n == 0 { break; }
+            }
+            r = durable_rx.changed(), if !sweep_open => {
+                if r.is_err() { break; }
             }
             _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
         }
@@ -605,6 +633,13 @@ async fn serve(
                 decide(state, cmd, now, &store, guard);
             }
             state.fire_due(now);
+            // At most one chunk of deletions per round, and only once the
+            // previous chunk is durable: a backlog never holds dispatch up.
+            let swept = if *shared.durable.borrow() >= sweep_round {
+                state.sweep(now, &store)
+            } else {
+                0
+            };
             state.dispatch(now);
             let mut round = state.take_round();
             // Applied under the lock, so readers never see the model ahead of sled.
@@ -614,6 +649,9 @@ async fn serve(
             if round.dirty {
                 *round_number += 1;
                 round.number = *round_number;
+            }
+            if swept > 0 {
+                sweep_round = *round_number;
             }
             if let Err(e) = store.apply(writes) {
                 let why = failure_reason(&e);
@@ -846,8 +884,16 @@ fn run_effects(effects: Vec<Effect>, r: Result<(), &str>) {
 mod tests {
     use super::*;
     use crate::coordinator::clock::SystemClock;
-    use crate::coordinator::state::Settings;
+    use crate::coordinator::state::{Settings, SWEEP_CHUNK};
     use crate::proto::JobState;
+
+    fn place(dir: &std::path::Path) -> StoreSettings {
+        StoreSettings {
+            data_dir: dir.to_path_buf(),
+            cache_bytes: 1 << 20,
+            min_free_disk: 0,
+        }
+    }
 
     fn start(dir: &std::path::Path) -> (Engine, EngineTask, CancellationToken) {
         start_with_min_free(dir, 0)
@@ -862,13 +908,13 @@ mod tests {
             lease_timeout: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             default_shutdown_grace: Duration::from_secs(30),
+            retention: Default::default(),
         };
         let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
         let stop = CancellationToken::new();
         let place = StoreSettings {
-            data_dir: dir.to_path_buf(),
-            cache_bytes: 1 << 20,
             min_free_disk,
+            ..place(dir)
         };
         let (engine, task) =
             Engine::start(state, store, Arc::new(SystemClock), place, stop.clone());
@@ -929,6 +975,96 @@ mod tests {
         assert!(!engine.recovering_now());
         stop.cancel();
         task.wait().await;
+    }
+
+    #[tokio::test]
+    async fn a_backlog_of_deletions_is_swept_in_bounded_rounds_and_survives_reopen() {
+        use crate::coordinator::record::JobRecord;
+        use crate::coordinator::retention::{Keep, Retention};
+        use crate::coordinator::store::Writes;
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * SWEEP_CHUNK + 7;
+        let ended = SystemTime::now() - Duration::from_secs(3600);
+        {
+            // Finished an hour ago, each with an idempotency key.
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut w = Writes::default();
+            for i in 0..n {
+                let id = JobId::generate();
+                let key = format!("key-{i}");
+                w.put_job(&JobRecord {
+                    job: Job {
+                        id: id.to_string(),
+                        kind: "k".into(),
+                        queue: "default".into(),
+                        state: JobState::Succeeded as i32,
+                        end_time: Some(ended.into()),
+                        idempotency_key: key.clone(),
+                        ..Default::default()
+                    },
+                    lease: None,
+                });
+                w.put_idempotency(&key, id);
+            }
+            store.apply(w).unwrap();
+            store.sync().unwrap();
+        }
+        let store = Arc::new(Store::reopen_for_test(dir.path()));
+        let settings = Settings {
+            lease_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            default_shutdown_grace: Duration::from_secs(30),
+            retention: Retention::uniform(Keep::For(Duration::from_secs(60))),
+        };
+        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
+        assert_eq!(state.sweep_pending(), n);
+        let stop = CancellationToken::new();
+        let (engine, task) = Engine::start(
+            state,
+            store.clone(),
+            Arc::new(SystemClock),
+            place(dir.path()),
+            stop.clone(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.scan_jobs(None).next().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog was not swept within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let rounds = engine
+            .shared
+            .applied
+            .load(std::sync::atomic::Ordering::Acquire);
+        assert!(
+            rounds as usize >= n.div_ceil(SWEEP_CHUNK),
+            "{n} deletions in {rounds} rounds: more than {SWEEP_CHUNK} per round"
+        );
+        let syncs = store.sync_count();
+        assert!(
+            syncs < (n / 10) as u64,
+            "{n} deletions took {syncs} syncs: group-committed, never one per job"
+        );
+        assert!(
+            syncs as usize >= n.div_ceil(SWEEP_CHUNK),
+            "{syncs} syncs for {n} deletions: a chunk went out before the previous one was durable"
+        );
+        // A key of a deleted job makes a new job.
+        let mut keyed = job(0);
+        keyed.idempotency_key = "key-0".into();
+        let r = engine.submit(vec![keyed]).await.unwrap();
+        assert!(!r[0].deduplicated);
+        engine.durable_now().await.unwrap();
+        stop.cancel();
+        task.wait().await;
+        drop(engine);
+        drop(store);
+        let store = Store::reopen_for_test(dir.path());
+        let snap = store.snapshot().unwrap();
+        assert_eq!(snap.jobs.len(), 1, "the deletions were durable");
+        assert_eq!(snap.idempotency.len(), 1);
     }
 
     #[tokio::test]

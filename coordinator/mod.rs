@@ -9,6 +9,7 @@
 //! [`Coordinator::open`] rebuilds the model from the store; [`Coordinator::serve`]
 //! serves it on a bound listener until a shutdown future resolves; [`run`] does both.
 
+pub mod auth;
 pub mod backoff;
 pub mod clock;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod ids;
 pub mod ready;
 pub mod record;
 pub mod recovery;
+pub mod retention;
 pub mod schedule;
 pub mod service;
 pub mod state;
@@ -44,8 +46,6 @@ pub use config::Config;
 
 /// How long open streams may take to close at shutdown before they are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest gRPC message accepted (a `SubmitJobs` batch of big payloads).
-const MAX_MESSAGE: usize = 256 << 20;
 
 /// Why the coordinator stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,9 @@ pub enum RunError {
     /// A schedule declared in the config file was refused.
     #[error("declared schedule: {0}")]
     Declared(error::Error),
+    /// The TLS certificate or key cannot be used.
+    #[error("tls_cert/tls_key: {0}")]
+    Tls(tonic::transport::Error),
     /// A start-up task panicked.
     #[error("start-up task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -85,6 +88,7 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens the store and rebuilds the model from it.
     pub async fn open(config: Config) -> Result<Coordinator, RunError> {
+        server_builder(&config)?;
         Self::open_with_clock(config, Arc::new(SystemClock)).await
     }
 
@@ -114,6 +118,7 @@ impl Coordinator {
             lease_timeout: config.lease_timeout,
             heartbeat_interval: config.heartbeat_interval,
             default_shutdown_grace: config.default_shutdown_grace,
+            retention: config.retention,
         };
         let mut state = State::restore(settings, snapshot, clock.now());
         // Declared schedules: created or updated now, durably, before serving.
@@ -138,7 +143,7 @@ impl Coordinator {
         for effect in round.effects {
             effect(Ok(()));
         }
-        tracing::info!(jobs, dir = %config.data_dir.display(), "store opened");
+        tracing::info!(jobs, awaiting_deletion = state.sweep_pending(), dir = %config.data_dir.display(), "store opened");
         Ok(Coordinator {
             config,
             store: Arc::new(store),
@@ -197,24 +202,43 @@ impl Coordinator {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .expect("the embedded descriptor sets are valid");
-        let jobs = proto::job_service_server::JobServiceServer::new(service::jobs::Jobs::new(
-            engine.clone(),
-            self.config.max_payload,
-        ))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-        let sessions = proto::worker_service_server::WorkerServiceServer::new(
-            service::session::Sessions::new(engine.clone()),
+        let limits = &self.config.limits;
+        let max_message = limits.max_message_size;
+        let jobs = proto::job_service_server::JobServiceServer::new(
+            service::jobs::Jobs::new(engine.clone(), self.config.max_payload)
+                .with_max_message_size(max_message),
         )
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let sessions = proto::worker_service_server::WorkerServiceServer::new(
+            service::session::Sessions::new(engine.clone()).with_limits(
+                limits,
+                self.config.heartbeat_interval,
+                self.config.max_payload,
+            ),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
         let admin = proto::admin_service_server::AdminServiceServer::new(
             service::admin::Admin::new(engine.clone()),
-        );
-        let schedules = proto::schedule_service_server::ScheduleServiceServer::new(
-            service::schedules::Schedules::new(engine.clone(), self.config.max_payload),
         )
-        .max_decoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let schedules = proto::schedule_service_server::ScheduleServiceServer::new(
+            service::schedules::Schedules::new(engine.clone(), self.config.max_payload)
+                .with_max_message_size(max_message),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let health_service = health_service
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let reflection_v1 = reflection_v1
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let reflection_v1alpha = reflection_v1alpha
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
 
         let stop = root.clone();
         let watcher = engine.clone();
@@ -231,9 +255,13 @@ impl Coordinator {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
         let server_stop = root.clone();
+        let builder = server_builder(&self.config)?;
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .layer(auth::AuthLayer::new(self.config.tokens.clone()))
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .layer(service::message_size::MessageSizeLayer)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -294,6 +322,21 @@ async fn follow_health(
             reporter.set_service_status(name, status).await;
         }
     }
+}
+
+/// A server builder with the config's TLS, if any (bad certificates or keys
+/// are refused here, before anything is served).
+fn server_builder(config: &Config) -> Result<tonic::transport::Server, RunError> {
+    let builder = tonic::transport::Server::builder();
+    let Some(tls) = &config.tls else {
+        return Ok(builder);
+    };
+    let mut server_tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+    if let Some(ca) = &tls.client_ca {
+        server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+    }
+    builder.tls_config(server_tls).map_err(RunError::Tls)
 }
 
 /// Opens the store in `config.data_dir`, serves on `listener` until `shutdown`

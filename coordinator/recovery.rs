@@ -159,6 +159,7 @@ mod tests {
             lease_timeout: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             default_shutdown_grace: Duration::from_secs(30),
+            retention: Default::default(),
         }
     }
 

@@ -166,6 +166,18 @@ impl Writes {
         self.len += 1;
     }
 
+    /// Deletes a job record (retention).
+    pub fn delete_job(&mut self, id: JobId) {
+        self.batch.remove(&job_key(&id)[..]);
+        self.len += 1;
+    }
+
+    /// Deletes the record of an idempotency key (with its job).
+    pub fn delete_idempotency(&mut self, key: &str) {
+        self.batch.remove(idem_key(key));
+        self.len += 1;
+    }
+
     /// Writes (or overwrites) a schedule.
     pub fn put_schedule(&mut self, entry: &ScheduleEntry) {
         let value = entry.encode();

@@ -28,6 +28,65 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 1024;
 pub const MAX_LABELS: usize = 64;
 /// Longest label key or value, in bytes.
 pub const MAX_LABEL_LEN: usize = 1024;
+/// Longest free-text field (a cancel or drain reason, a worker's error), in bytes.
+pub const MAX_TEXT_LEN: usize = 8192;
+/// Longest cron expression, in bytes.
+pub const MAX_CRON_LEN: usize = 1024;
+/// Longest job id (a UUID is 36 characters; braces and URN forms are longer).
+pub const MAX_ID_LEN: usize = 64;
+/// Earliest timestamp accepted: 0001-01-01T00:00:00Z, protobuf's own bound.
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// Latest timestamp accepted: 9999-12-31T23:59:59Z, protobuf's own bound.
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// At most the first 64 characters of a client's value, for error messages:
+/// an error must never echo a megabyte back.
+pub fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}...", &value[..cut]),
+        None => format!("{value:?}"),
+    }
+}
+
+/// Checks a free-text field's length.
+pub fn text(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes; the limit is {max} bytes", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a label map: at most [`MAX_LABELS`] entries, keys 1 to
+/// [`MAX_LABEL_LEN`] bytes, values at most [`MAX_LABEL_LEN`] bytes.
+pub fn labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), Error> {
+    if labels.len() > MAX_LABELS {
+        return Err(Error::invalid(
+            field,
+            format!("has {} entries; the limit is {MAX_LABELS}", labels.len()),
+        ));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "label {} ({} bytes, value {} bytes): keys must be 1 to {MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN} bytes",
+                    shown(k),
+                    k.len(),
+                    v.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Longest duration accepted anywhere (timeouts, graces, backoffs, intervals):
 /// about ten years, far from where instant arithmetic could overflow.
@@ -69,12 +128,25 @@ pub fn timestamp(
     t: &Option<prost_types::Timestamp>,
 ) -> Result<Option<SystemTime>, Error> {
     let Some(t) = t else { return Ok(None) };
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&t.seconds)
+        || !(0..1_000_000_000).contains(&t.nanos)
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{}s {}ns is out of range: timestamps run from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z",
+                t.seconds, t.nanos
+            ),
+        ));
+    }
     SystemTime::try_from(*t)
         .map(Some)
         .map_err(|e| Error::invalid(field, format!("is not a valid timestamp ({e})")))
 }
 
-fn name(field: &str, value: &str) -> Result<(), Error> {
+/// Checks a name (queue, kind, schedule, worker id): at most
+/// [`MAX_NAME_LEN`] bytes, no control characters. Empty is the caller's call.
+pub fn name(field: &str, value: &str) -> Result<(), Error> {
     if value.len() > MAX_NAME_LEN {
         return Err(Error::invalid(
             field,
@@ -149,23 +221,7 @@ pub fn new_job(field: &str, mut job: Job, max_payload: usize) -> Result<Job, Err
             ),
         ));
     }
-    if job.labels.len() > MAX_LABELS {
-        return Err(Error::invalid(
-            &f("labels"),
-            format!(
-                "has {} entries; the limit is {MAX_LABELS}",
-                job.labels.len()
-            ),
-        ));
-    }
-    for (k, v) in &job.labels {
-        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
-            return Err(Error::invalid(
-                &f("labels"),
-                format!("label {k:?}: keys must be 1 to {MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN} bytes"),
-            ));
-        }
-    }
+    labels(&f("labels"), &job.labels)?;
     // Output-only fields are the coordinator's to set.
     job.id.clear();
     job.state = JobState::Unspecified as i32;
@@ -210,6 +266,9 @@ fn retry_policy(field: &str, policy: Option<RetryPolicy>) -> Result<RetryPolicy,
         multiplier,
     })
 }
+
+#[cfg(test)]
+pub(crate) mod props;
 
 #[cfg(test)]
 mod tests {

@@ -17,8 +17,15 @@ use common::*;
 use rota::proto::{Job, JobState, RetryPolicy};
 use tempfile::TempDir;
 
-/// Short leases, so the cut-off worker is declared lost quickly.
-const FAST_LEASES: &[&str] = &["--lease-timeout", "2s", "--heartbeat-interval", "300ms"];
+/// Short leases, so the cut-off worker is declared lost quickly; `--insecure` because the
+/// coordinator listens on every address (the hosts reach it on theirs) without tokens.
+const COORDINATOR_ARGS: &[&str] = &[
+    "--lease-timeout",
+    "2s",
+    "--heartbeat-interval",
+    "300ms",
+    "--insecure",
+];
 
 /// Numbers the hosts of this run.
 static NEXT_HOST: AtomicU32 = AtomicU32::new(0);
@@ -240,7 +247,7 @@ async fn a_cut_off_workers_lease_expires_and_its_late_result_is_rejected() {
             listen: "0.0.0.0:0",
             data_dir: None,
         },
-        FAST_LEASES,
+        COORDINATOR_ARGS,
         &[],
     );
     let port = coord.addr().port();

@@ -211,7 +211,7 @@ async fn drain_worker_makes_the_worker_finish_and_exit() {
     let url = coord.url();
     // Finishes its work (about a second) even when told to stop.
     let script = format!(
-        "trap 'echo term >> {d}/events' TERM; i=0; \
+        "trap 'echo term >> {d}/events' TERM; : > {d}/trapped; i=0; \
          while [ $i -lt 10 ]; do sleep 0.1; i=$((i+1)); done; echo done"
     );
     let mut worker = Worker::start(
@@ -223,6 +223,14 @@ async fn drain_worker_makes_the_worker_finish_and_exit() {
     let client = job_client(&url).await;
     let id = submit_id(&client, graced("work", Duration::from_secs(30))).await;
     wait_running(&client, &id).await;
+    // The notice must find the trap installed (a shell that gets SIGTERM
+    // before its `trap` line simply dies, which is not what this tests).
+    let trapped = dir.path().join("trapped");
+    wait_for(BOUND, "the task's trap to be installed", || {
+        let ready = trapped.exists();
+        async move { ready }
+    })
+    .await;
     let drained = admin_client(&url)
         .await
         .drain_worker(DrainWorkerRequest {

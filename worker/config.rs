@@ -7,6 +7,12 @@
 //! slots = 4                     # default: number of CPUs
 //! max_output = "1MiB"           # cap on a command's stdout result
 //! max_shutdown_grace = "30s"    # longest job grace honoured; default: no limit
+//! token = "..."                 # bearer token (role worker); ROTA_TOKEN wins
+//! [tls]                         # when the coordinator serves TLS (https:// URL)
+//! ca = "/etc/rota/ca.pem"       # CA that signed the coordinator's certificate
+//! cert = "/etc/rota/worker.pem" # this worker's certificate and key, for mTLS
+//! key = "/etc/rota/worker.key"
+//! domain = "rota.internal"      # name to check in the certificate; default: the URL's host
 //! [labels]
 //! zone = "a"
 //! [kinds.resize]
@@ -52,6 +58,9 @@ pub enum ConfigError {
     /// `queues = []`.
     #[error("queues must name at least one queue")]
     NoQueues,
+    /// A `[tls]` setting cannot be used.
+    #[error("{key}: {message}")]
+    Tls { key: &'static str, message: String },
 }
 
 /// The whole config file.
@@ -74,9 +83,69 @@ pub struct WorkerConfig {
     /// Free-form labels shown in `ListWorkers`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Bearer token for the coordinator (`ROTA_TOKEN` in the environment wins).
+    pub token: Option<String>,
+    /// TLS to the coordinator.
+    pub tls: Option<TlsConfig>,
     /// One command per job kind.
     #[serde(default)]
     pub kinds: BTreeMap<String, KindConfig>,
+}
+
+/// TLS to the coordinator: the CA to trust, and this worker's own
+/// certificate and key when the coordinator requires client certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM CA certificate(s) that signed the coordinator's certificate.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate of this worker (mTLS); needs `key`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry; default: the URL's host.
+    pub domain: Option<String>,
+}
+
+impl TlsConfig {
+    /// tonic's client TLS configuration, with the files read.
+    pub fn load(&self) -> Result<tonic::transport::ClientTlsConfig, ConfigError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|error| ConfigError::Tls {
+                key,
+                message: format!("cannot read {}: {error}", path.display()),
+            })
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read("tls.ca", ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read("tls.cert", cert)?,
+                    read("tls.key", key)?,
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(ConfigError::Tls {
+                    key: "tls.key",
+                    message: "tls.cert is set but tls.key is not".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Tls {
+                    key: "tls.cert",
+                    message: "tls.key is set but tls.cert is not".into(),
+                })
+            }
+        }
+        if let Some(domain) = &self.domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        Ok(tls)
+    }
 }
 
 /// How to run one job kind.
@@ -192,6 +261,12 @@ impl WorkerConfig {
         }
         if let Some(grace) = self.max_shutdown_grace {
             builder = builder.max_shutdown_grace(grace);
+        }
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        if let Some(tls) = &self.tls {
+            builder = builder.tls(tls.load()?);
         }
         for (k, v) in &self.labels {
             builder = builder.label(k.clone(), v.clone());

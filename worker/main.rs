@@ -30,6 +30,9 @@ struct Cli {
     config: PathBuf,
 }
 
+/// The bearer token, from the environment (never a flag: flags show in `ps`).
+const TOKEN_ENV: &str = "ROTA_TOKEN";
+
 /// mimalloc: faster than the system allocator for the many small, short-lived
 /// allocations of message handling (and it speeds sled up).
 #[global_allocator]
@@ -46,10 +49,14 @@ async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let config = WorkerConfig::load(&cli.config)
         .with_context(|| format!("loading config {}", cli.config.display()))?;
-    let worker = config
-        .worker_builder(&cli.coordinator)?
-        .build()
-        .context("building the worker")?;
+    let mut builder = config.worker_builder(&cli.coordinator)?;
+    if let Some(token) = std::env::var_os(TOKEN_ENV) {
+        let token = token
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("{TOKEN_ENV} is not valid UTF-8"))?;
+        builder = builder.token(token);
+    }
+    let worker = builder.build().context("building the worker")?;
     info!(worker = %worker.worker_id(), coordinator = %cli.coordinator, "rota-worker starting");
 
     let shutdown = ShutdownHandle::new();

@@ -70,6 +70,12 @@ pub enum BuildError {
     /// `queues(vec![])`.
     #[error("queues must name at least one queue")]
     NoQueues,
+    /// The token cannot be sent as gRPC metadata.
+    #[error("token must be printable ASCII without spaces")]
+    InvalidToken,
+    /// The TLS settings cannot be used.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Registered handlers by job kind.
@@ -92,6 +98,8 @@ pub(crate) struct Settings {
     /// The longest shutdown grace this worker can honour, sent in `Hello`;
     /// `None`: no limit.
     pub(crate) max_shutdown_grace: Option<Duration>,
+    /// `authorization` metadata sent with the session (`Bearer <token>`).
+    pub(crate) authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// Configures a [`Worker`]; see [`Worker::builder`].
@@ -105,9 +113,26 @@ pub struct WorkerBuilder {
     handlers: Handlers,
     drain_ack_timeout: Duration,
     max_shutdown_grace: Option<Duration>,
+    token: Option<String>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl WorkerBuilder {
+    /// The bearer token (role `worker` or `admin`) the coordinator requires,
+    /// sent as `authorization: Bearer <token>`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects over TLS with this configuration (the CA that signed the
+    /// coordinator's certificate and, for mTLS, this worker's identity). The
+    /// URL should then be `https://`.
+    pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Names this worker (default `hostname-pid`). Keep it stable across restarts
     /// of the same worker.
     pub fn worker_id(mut self, id: impl Into<String>) -> Self {
@@ -170,6 +195,22 @@ impl WorkerBuilder {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        let endpoint = match self.tls {
+            Some(tls) => endpoint
+                .tls_config(tls)
+                .map_err(|e| BuildError::Tls(error_chain(&e)))?,
+            None => endpoint,
+        };
+        let authorization = self
+            .token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .ok()
+                    .filter(|_| !t.is_empty() && !t.contains(char::is_whitespace))
+                    .ok_or(BuildError::InvalidToken)
+            })
+            .transpose()?;
         if self.handlers.is_empty() {
             return Err(BuildError::NoHandlers);
         }
@@ -198,6 +239,7 @@ impl WorkerBuilder {
                 labels: self.labels,
                 drain_ack_timeout: self.drain_ack_timeout,
                 max_shutdown_grace: self.max_shutdown_grace,
+                authorization,
             }),
             handlers: Arc::new(self.handlers),
         })
@@ -232,6 +274,8 @@ impl Worker {
             handlers: BTreeMap::new(),
             drain_ack_timeout: DEFAULT_DRAIN_ACK_TIMEOUT,
             max_shutdown_grace: None,
+            token: None,
+            tls: None,
         }
     }
 

@@ -352,6 +352,7 @@ impl Driver {
                 .max_shutdown_grace
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
         });
+        let authorization = self.settings.authorization.clone();
         debug!(endpoint = %endpoint.uri(), "connecting");
         Box::pin(async move {
             let open = async {
@@ -365,8 +366,12 @@ impl Driver {
                 tx.send(WorkerMessage { msg: Some(hello) })
                     .await
                     .map_err(|_| SessionError::SendClosed)?;
+                let mut request = tonic::Request::new(ReceiverStream::new(rx));
+                if let Some(auth) = &authorization {
+                    request.metadata_mut().insert("authorization", auth.clone());
+                }
                 let mut inbound = client
-                    .session(ReceiverStream::new(rx))
+                    .session(request)
                     .await
                     .map_err(SessionError::Refused)?
                     .into_inner();

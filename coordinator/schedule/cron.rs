@@ -345,6 +345,9 @@ impl CronSchedule {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -73,6 +73,13 @@ impl Spec {
         })?;
         match kind {
             schedule_spec::Kind::Cron(c) => {
+                use crate::coordinator::validate::{self, MAX_CRON_LEN};
+                validate::text(
+                    &format!("{field}.cron.expression"),
+                    &c.expression,
+                    MAX_CRON_LEN,
+                )?;
+                validate::name(&format!("{field}.cron.timezone"), &c.timezone)?;
                 let parsed =
                     CronSchedule::parse(&c.expression, &c.timezone).map_err(|e| match e {
                         crate::coordinator::schedule::cron::CronError::TimeZone(_) => {

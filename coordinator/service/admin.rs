@@ -4,6 +4,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coordinator::engine::Engine;
 use crate::coordinator::error::Error;
+use crate::coordinator::validate;
 use crate::proto::admin_service_server::AdminService;
 use crate::proto::{
     DrainWorkerRequest, GetQueueStatsRequest, ListWorkersRequest, ListWorkersResponse, QueueStats,
@@ -40,8 +41,10 @@ impl AdminService for Admin {
         &self,
         req: Request<GetQueueStatsRequest>,
     ) -> Result<Response<QueueStats>, Status> {
+        let queue = req.into_inner().queue;
+        validate::name("queue", &queue)?;
         Ok(Response::new(QueueStats {
-            queues: self.engine.queue_stats(&req.into_inner().queue).await?,
+            queues: self.engine.queue_stats(&queue).await?,
         }))
     }
 
@@ -54,6 +57,8 @@ impl AdminService for Admin {
         if req.worker_id.is_empty() {
             return Err(Error::invalid("worker_id", "is required").into());
         }
+        validate::name("worker_id", &req.worker_id)?;
+        validate::text("reason", &req.reason, validate::MAX_TEXT_LEN)?;
         Ok(Response::new(
             self.engine.drain_worker(req.worker_id, req.reason).await?,
         ))

@@ -36,6 +36,8 @@ pub struct Jobs {
     engine: Engine,
     /// Largest payload accepted.
     max_payload: usize,
+    /// Largest response message: a `ListJobs` page stops before it.
+    max_message_size: usize,
 }
 
 impl Jobs {
@@ -44,8 +46,24 @@ impl Jobs {
         Jobs {
             engine,
             max_payload,
+            max_message_size: crate::coordinator::config::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
+
+    /// Caps `ListJobs` pages to fit in `bytes` (the server's message limit).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+}
+
+/// Bytes of a response message kept free for everything but its jobs.
+const PAGE_HEADROOM: usize = 64 << 10;
+
+/// The bytes a message's repeated field spends on one element of `len` bytes:
+/// a tag, a length prefix, the element.
+pub(crate) fn element_size(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
 }
 
 /// The filters of a `ListJobs` call.
@@ -65,32 +83,46 @@ impl Filter {
     }
 }
 
-/// Scans one page of jobs in creation order.
+/// Scans one page of jobs in creation order: at most `size` jobs, and no more
+/// than fit in `budget` bytes (a page always holds at least one job).
 fn list_page(
     store: &Store,
     filter: &Filter,
     after: Option<JobId>,
     size: usize,
+    budget: usize,
 ) -> Result<ListJobsResponse, Error> {
+    use prost::Message;
     let mut jobs = Vec::new();
     let mut last = None;
     let mut examined = 0;
+    let mut bytes = 0;
+    let mut full = false;
     for rec in store.scan_jobs(after) {
         let rec = rec?;
-        examined += 1;
-        last = Some(rec.id());
+        let id = rec.id();
         if filter.matches(&rec.job) {
-            jobs.push(rec.job);
-            if jobs.len() == size {
+            let len = element_size(rec.job.encoded_len());
+            if !jobs.is_empty() && bytes + len > budget {
+                // This job starts the next page.
+                full = true;
                 break;
             }
+            bytes += len;
+            jobs.push(rec.job);
+        }
+        examined += 1;
+        last = Some(id);
+        if jobs.len() == size {
+            full = true;
+            break;
         }
         if examined == MAX_EXAMINED_PER_PAGE {
             break;
         }
     }
     // A full page (or a page cut short by the scan bound) may have more after it.
-    let more = jobs.len() == size || examined == MAX_EXAMINED_PER_PAGE;
+    let more = full || examined == MAX_EXAMINED_PER_PAGE;
     let next_page_token = match (more, last) {
         (true, Some(id)) if store.scan_jobs(Some(id)).next().is_some() => id.to_string(),
         _ => String::new(),
@@ -179,6 +211,9 @@ impl JobService for Jobs {
                 )
             })?)
         };
+        validate::name("queue", &req.queue)?;
+        validate::name("kind", &req.kind)?;
+        validate::name("schedule", &req.schedule)?;
         let filter = Filter {
             queue: req.queue,
             state,
@@ -186,9 +221,11 @@ impl JobService for Jobs {
             schedule: req.schedule,
         };
         let (store, epoch): (Arc<Store>, _) = self.engine.store_handle()?;
-        let page = tokio::task::spawn_blocking(move || list_page(&store, &filter, after, size))
-            .await
-            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
+        let budget = self.max_message_size.saturating_sub(PAGE_HEADROOM);
+        let page =
+            tokio::task::spawn_blocking(move || list_page(&store, &filter, after, size, budget))
+                .await
+                .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
         // What the scan saw may include writes not yet on disk.
         self.engine.durable(&epoch).await?;
         Ok(Response::new(page))
@@ -198,6 +235,7 @@ impl JobService for Jobs {
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         let req = req.into_inner();
         let id = job_id("id", &req.id)?;
+        validate::text("reason", &req.reason, validate::MAX_TEXT_LEN)?;
         Ok(Response::new(self.engine.cancel(id, req.reason).await?))
     }
 

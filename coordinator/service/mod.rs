@@ -1,7 +1,9 @@
 //! The gRPC services: thin adapters from requests to the [`Engine`](crate::coordinator::engine::Engine).
 
 pub mod admin;
+pub mod guard;
 pub mod jobs;
+pub mod message_size;
 pub mod schedules;
 pub mod session;
 
@@ -10,6 +12,16 @@ use crate::coordinator::ids::JobId;
 
 /// Parses a job id from request field `field`.
 pub(crate) fn job_id(field: &str, s: &str) -> Result<JobId, Error> {
+    use crate::coordinator::validate::MAX_ID_LEN;
+    if s.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {} bytes; a job id is a UUID (the limit is {MAX_ID_LEN} bytes)",
+                s.len()
+            ),
+        ));
+    }
     JobId::parse(s).map_err(|problem| Error::invalid(field, problem))
 }
 

@@ -29,6 +29,8 @@ pub struct Schedules {
     engine: Engine,
     /// Largest payload of a job template.
     max_payload: usize,
+    /// Largest response message: a `ListSchedules` page stops before it.
+    max_message_size: usize,
 }
 
 impl Schedules {
@@ -37,7 +39,32 @@ impl Schedules {
         Schedules {
             engine,
             max_payload,
+            max_message_size: crate::coordinator::config::DEFAULT_MAX_MESSAGE_SIZE,
         }
+    }
+
+    /// Caps `ListSchedules` pages to fit in `bytes` (the server's message limit).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+}
+
+/// Cuts a page of schedules to what fits in `budget` bytes (at least one);
+/// a cut page's token is the last name it kept.
+fn fit_page(page: &mut Vec<Schedule>, next_page_token: &mut String, budget: usize) {
+    use prost::Message;
+    let mut bytes = 0;
+    let keep = page
+        .iter()
+        .position(|s| {
+            bytes += crate::coordinator::service::jobs::element_size(s.encoded_len());
+            bytes > budget
+        })
+        .map(|i| i.max(1));
+    if let Some(keep) = keep.filter(|k| *k < page.len()) {
+        page.truncate(keep);
+        *next_page_token = page.last().map(|s| s.name.clone()).unwrap_or_default();
     }
 }
 
@@ -45,6 +72,7 @@ fn name(field: &str, name: String) -> Result<String, Error> {
     if name.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
+    validate::name(field, &name)?;
     Ok(name)
 }
 
@@ -106,8 +134,15 @@ impl ScheduleService for Schedules {
     ) -> Result<Response<ListSchedulesResponse>, Status> {
         let req = req.into_inner();
         let size = page_size(req.page_size)?;
-        let (schedules, next_page_token) =
+        // A token is the last schedule name of the previous page.
+        validate::text("page_token", &req.page_token, validate::MAX_NAME_LEN)?;
+        let (mut schedules, mut next_page_token) =
             self.engine.list_schedules(&req.page_token, size).await?;
+        fit_page(
+            &mut schedules,
+            &mut next_page_token,
+            self.max_message_size.saturating_sub(64 << 10),
+        );
         Ok(Response::new(ListSchedulesResponse {
             schedules,
             next_page_token,

@@ -138,6 +138,7 @@ impl State {
                 state_name(old)
             )));
         }
+        self.forget_finished(&rec);
         let mut live = Live { rec, ready: None };
         let job = &mut live.rec.job;
         job.attempt = 0;

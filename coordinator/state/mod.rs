@@ -18,6 +18,8 @@ mod reads;
 mod schedules;
 pub use schedules::FIRE_TIME_LABEL;
 mod sessions;
+mod sweep;
+pub use sweep::SWEEP_CHUNK;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +31,7 @@ use crate::coordinator::error::Error;
 use crate::coordinator::ids::{JobId, LeaseId};
 use crate::coordinator::ready::{ReadyIndex, Slot};
 use crate::coordinator::record::{JobRecord, Lease};
+use crate::coordinator::retention::{Retention, SweepIndex};
 use crate::coordinator::store::{Snapshot, Store, Writes};
 use crate::coordinator::workers::{SessionHandle, WorkerEntry, Workers};
 use crate::proto::{
@@ -45,6 +48,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// `shutdown_grace` of jobs that do not set one.
     pub default_shutdown_grace: Duration,
+    /// How long finished jobs are kept, per terminal state.
+    pub retention: Retention,
 }
 
 /// Something to do once the round's writes are durable. It is given the
@@ -184,6 +189,9 @@ impl Stats {
         }
         if to != JobState::Unspecified {
             counts[to as usize] += 1;
+        } else if counts.iter().all(|c| *c == 0) {
+            // The queue's last job was deleted: the queue leaves the stats.
+            self.by_queue.remove(queue);
         }
     }
 }
@@ -216,6 +224,8 @@ pub struct State {
     ready: ReadyIndex,
     /// Timers, earliest first.
     due: BTreeSet<(SystemTime, Due)>,
+    /// Finished jobs by deletion due time (retention).
+    sweep: SweepIndex,
     /// Connected and recently connected workers.
     workers: Workers,
     /// Counts for `GetQueueStats`.
@@ -243,6 +253,7 @@ impl State {
             idempotency: snapshot.idempotency.into_iter().collect(),
             ready: ReadyIndex::default(),
             due: BTreeSet::new(),
+            sweep: SweepIndex::default(),
             workers: Workers::default(),
             stats: Stats::default(),
             watchers: HashMap::new(),
@@ -255,6 +266,7 @@ impl State {
             let s = rec.state();
             state.stats.moved(&rec.job.queue, JobState::Unspecified, s);
             if is_terminal(s) {
+                state.note_finished(rec.id(), &rec.job, now);
                 continue;
             }
             let id = rec.id();
@@ -337,9 +349,22 @@ impl State {
         self.round.effects.push(effect);
     }
 
-    /// When the earliest timer is due.
+    /// When the earliest timer (or deletion) is due.
     pub fn next_due(&self) -> Option<SystemTime> {
+        match (self.next_timer(), self.next_deletion()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the earliest timer is due.
+    pub fn next_timer(&self) -> Option<SystemTime> {
         self.due.first().map(|(t, _)| *t)
+    }
+
+    /// When the earliest deletion of a finished job is due.
+    pub fn next_deletion(&self) -> Option<SystemTime> {
+        self.sweep.next_due()
     }
 
     /// Stores a job after a change: counts, record write, watchers; a finished
@@ -356,6 +381,14 @@ impl State {
         }
         let id = live.rec.id();
         if is_terminal(new) {
+            // Every terminal transition sets end_time (`finish`); the
+            // creation time only stands in for a record that somehow lacks it.
+            let created = live
+                .rec
+                .job
+                .create_time
+                .and_then(|t| SystemTime::try_from(t).ok());
+            self.note_finished(id, &live.rec.job, created.unwrap_or(SystemTime::UNIX_EPOCH));
             if let Some(watchers) = self.watchers.remove(&id) {
                 let job = live.rec.job.clone();
                 self.after_commit(Box::new(move |r| {

@@ -23,6 +23,7 @@ fn settings() -> Settings {
         lease_timeout: LEASE,
         heartbeat_interval: Duration::from_secs(1),
         default_shutdown_grace: Duration::from_secs(30),
+        retention: Default::default(),
     }
 }
 
@@ -61,6 +62,7 @@ impl Fixture {
     /// What the engine does after deciding: timers, dispatch, write, effects.
     fn commit(&mut self) {
         self.state.fire_due(self.now);
+        self.state.sweep(self.now, &self.store);
         self.state.dispatch(self.now);
         let round = self.state.take_round();
         self.store.apply(round.writes).unwrap();
@@ -998,3 +1000,4 @@ fn live_bytes_count_the_records_of_unfinished_jobs_only() {
     assert_eq!(f.get(&small.id).state(), JobState::Succeeded);
     assert_eq!(f.get(&big.id).state(), JobState::Succeeded);
 }
+mod retention;

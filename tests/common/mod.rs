@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw_grpc;
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -150,10 +152,20 @@ impl Coordinator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Coordinator {
+        Self::start_listening(dir, "127.0.0.1:0", extra_args, env)
+    }
+
+    /// [`Coordinator::start_with_env`] on another address than `127.0.0.1:0`.
+    pub fn start_listening(
+        dir: impl AsRef<Path>,
+        listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         Self::start_with(
             dir,
             Placement {
-                listen: "127.0.0.1:0",
+                listen,
                 data_dir: None,
             },
             extra_args,
@@ -409,11 +421,21 @@ impl Worker {
     /// `rota-worker --coordinator URL --config FILE`, logging to `dir/worker-N.log`.
     /// Readiness is the caller's: see `wait_worker_connected`.
     pub fn start(url: &str, config: &str, dir: impl AsRef<Path>) -> Worker {
-        Self::start_wrapped(&[], url, config, dir, &[])
+        Self::start_with_env(url, config, dir, &[])
     }
 
-    /// [`Worker::start`] run through `wrapper` (e.g. `ip netns exec NS`, which execs the worker,
-    /// so the pid is still the worker's), with extra environment variables.
+    /// [`Worker::start`] with extra environment variables (`ROTA_TOKEN`).
+    pub fn start_with_env(
+        url: &str,
+        config: &str,
+        dir: impl AsRef<Path>,
+        env: &[(&str, &str)],
+    ) -> Worker {
+        Self::start_wrapped(&[], url, config, dir, env)
+    }
+
+    /// [`Worker::start_with_env`] run through `wrapper` (e.g. `ip netns exec NS`, which execs
+    /// the worker, so the pid is still the worker's).
     pub fn start_wrapped(
         wrapper: &[&str],
         url: &str,
@@ -446,7 +468,7 @@ impl Worker {
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
             .env("NO_COLOR", "1")
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -835,18 +857,24 @@ impl RawSession {
     /// Opens a session and waits for Welcome, but never heartbeats: the coordinator should
     /// lose this worker after its lease timeout.
     pub async fn open_silent(url: &str, hello: Hello) -> RawSession {
+        Self::try_open_silent(url, hello)
+            .await
+            .unwrap_or_else(|e| panic!("Session: {e}"))
+    }
+
+    /// [`RawSession::open_silent`], returning the status the coordinator refused the session
+    /// with instead of panicking.
+    pub async fn try_open_silent(url: &str, hello: Hello) -> Result<RawSession, tonic::Status> {
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {
             msg: Some(WorkerMsg::Hello(hello)),
         })
         .await
         .expect("queue Hello");
-        let mut client = WorkerServiceClient::new(channel(url).await);
-        let inbound = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .unwrap_or_else(|e| panic!("Session: {e}"))
-            .into_inner();
+        let mut client = WorkerServiceClient::new(channel(url).await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         let mut session = RawSession {
             tx,
             inbound,
@@ -858,7 +886,7 @@ impl RawSession {
             CoordMsg::Welcome(w) => session.welcome = w,
             other => panic!("expected Welcome first, got {other:?}"),
         }
-        session
+        Ok(session)
     }
 
     /// The next message from the coordinator (buffered ones first); panics after `bound` or
@@ -959,6 +987,20 @@ impl RawSession {
             .send(WorkerMessage { msg: Some(msg) })
             .await
             .expect("session outbound stream closed");
+    }
+
+    /// Reads until the coordinator ends the stream (within `bound`) and returns how: `Ok` for a
+    /// clean end, `Err` with the status it ended with. Messages read on the way are dropped.
+    pub async fn end_status(&mut self, bound: Duration) -> Result<(), tonic::Status> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbound.next()).await {
+                Err(_) => panic!("the coordinator did not end the session within {bound:?}"),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(status))) => return Err(status),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
     }
 
     /// The next message if one arrives within `wait` (buffered ones first): used to check that
