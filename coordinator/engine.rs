@@ -112,7 +112,8 @@ struct Shared {
     model: Mutex<Model>,
     /// The time source.
     clock: Arc<dyn Clock>,
-    /// The number of the last round whose writes were applied to sled.
+    /// The number of the last round whose writes were applied to sled, or are
+    /// being applied: it is set before the writes are visible to a reader.
     applied: AtomicU64,
     /// The number of the last round whose writes are durable. Reads wait for
     /// it to pass what they saw, so nobody is told of a change before it is
@@ -348,7 +349,7 @@ impl Engine {
     /// call it after reading, so that what they return has reached the disk;
     /// it fails if the epoch's store failed.
     pub async fn durable(&self, epoch: &Epoch) -> Result<(), Error> {
-        let applied = self.shared.applied.load(Ordering::Acquire);
+        let applied = self.shared.applied.load(Ordering::SeqCst);
         let mut durable = self.shared.durable.subscribe();
         let reached = tokio::select! {
             biased;
@@ -653,6 +654,9 @@ async fn serve(
             if swept > 0 {
                 sweep_round = *round_number;
             }
+            // Published before the writes reach sled: ListJobs scans sled without the lock,
+            // and a scan that sees any of these writes must then wait for this round's sync.
+            shared.applied.store(*round_number, Ordering::SeqCst);
             if let Err(e) = store.apply(writes) {
                 let why = failure_reason(&e);
                 tracing::error!(error = %e, "store write failed; reopening the store");
@@ -661,7 +665,6 @@ async fn serve(
                 break;
             }
             guard.wrote(bytes);
-            shared.applied.store(*round_number, Ordering::Release);
             round
         };
         if round.effects.is_empty() && !round.dirty {
@@ -775,7 +778,7 @@ async fn recover(
                     epoch: CancellationToken::new(),
                 };
                 // Nothing of the new epoch waits to be made durable.
-                shared.applied.store(rounds, Ordering::Release);
+                shared.applied.store(rounds, Ordering::SeqCst);
                 shared.durable.send_modify(|d| *d = (*d).max(rounds));
                 shared.health.send_replace(Health::Serving);
                 drop(model);
@@ -1034,10 +1037,12 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The scan sees the last chunk once it is applied; its sync may still be running.
+        engine.durable_now().await.unwrap();
         let rounds = engine
             .shared
             .applied
-            .load(std::sync::atomic::Ordering::Acquire);
+            .load(std::sync::atomic::Ordering::SeqCst);
         assert!(
             rounds as usize >= n.div_ceil(SWEEP_CHUNK),
             "{n} deletions in {rounds} rounds: more than {SWEEP_CHUNK} per round"

@@ -6,7 +6,7 @@
 //! its leases. Entries are also rebuilt at start-up from RUNNING jobs, which is
 //! how leases survive a coordinator restart.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -39,6 +39,9 @@ pub struct WorkerEntry {
     pub session: Option<SessionHandle>,
     /// Its leases, by job.
     pub leases: BTreeMap<JobId, LeaseId>,
+    /// Leases rebuilt from the store at start-up that the worker has not named since: the
+    /// previous coordinator process may have died before their `Assign` reached it.
+    pub unconfirmed: BTreeSet<JobId>,
     /// When the current stream opened (unset for an entry rebuilt at start-up).
     pub connect_time: Option<SystemTime>,
     /// When it was last heard from; its leases end at this plus the lease timeout.
@@ -60,6 +63,7 @@ impl WorkerEntry {
             slots: 0,
             session: None,
             leases: BTreeMap::new(),
+            unconfirmed: BTreeSet::new(),
             connect_time: None,
             last_seen: now,
             draining: false,

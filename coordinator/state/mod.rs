@@ -285,6 +285,7 @@ impl State {
                         .entry(lease.worker_id.clone())
                         .or_insert_with(|| WorkerEntry::restored(lease.worker_id.clone(), now));
                     w.leases.insert(id, lease.id);
+                    w.unconfirmed.insert(id);
                     state
                         .due
                         .insert((now + lease_timeout, Due::Worker(lease.worker_id)));
@@ -558,6 +559,43 @@ impl State {
         self.after_failed_attempt(&mut live, now, false);
         self.save(live, old);
         self.dispatch_needed = true;
+    }
+}
+
+impl State {
+    /// A lease rebuilt at start-up that its worker came back without: the previous
+    /// coordinator process died before the `Assign` reached the worker, so the attempt never
+    /// ran. It ends `interrupted` and costs no attempt; the job is queued again at once. (A
+    /// worker process that died together with the coordinator also comes back without its
+    /// leases; its job gets that one attempt back too. Lease timeouts and worker restarts
+    /// without a coordinator restart still cost attempts, so a job that kills its worker
+    /// cannot loop forever.)
+    fn requeue_undelivered(&mut self, job: JobId, lease: LeaseId, now: SystemTime, why: &str) {
+        let Some(mut live) = self.jobs.remove(&job) else {
+            return;
+        };
+        if live.rec.lease.as_ref().map(|l| l.id) != Some(lease) {
+            self.jobs.insert(job, live);
+            return;
+        }
+        tracing::warn!(job = %job, lease = %lease, "{why}");
+        let old = live.rec.state();
+        end_attempt(&mut live, now, "interrupted", why);
+        self.requeue_interrupted(&mut live, now);
+        self.save(live, old);
+        self.dispatch_needed = true;
+    }
+
+    /// After an attempt that ended `interrupted`: it does not count; the job runs again at
+    /// once (or ends `CANCELLED`, if a cancel was asked for).
+    fn requeue_interrupted(&mut self, live: &mut Live, now: SystemTime) {
+        live.rec.lease = None;
+        live.rec.job.attempt = live.rec.job.attempt.saturating_sub(1);
+        if live.rec.job.cancel_requested {
+            self.finish(live, JobState::Cancelled, now);
+        } else {
+            self.enqueue(live, now);
+        }
     }
 }
 

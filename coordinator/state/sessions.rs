@@ -20,7 +20,9 @@ impl State {
             tracing::warn!(worker = %hello.worker_id, "a second session replaces the worker's open one");
         }
         let had_timer = previous.is_some();
-        let mut old_leases = previous.map(|p| p.leases).unwrap_or_default();
+        let (mut old_leases, unconfirmed) = previous
+            .map(|p| (p.leases, p.unconfirmed))
+            .unwrap_or_default();
         let mut entry = WorkerEntry {
             worker_id: hello.worker_id.clone(),
             hostname: hello.hostname,
@@ -36,6 +38,7 @@ impl State {
                 tx: tx.clone(),
             }),
             leases: Default::default(),
+            unconfirmed: Default::default(),
             connect_time: Some(now),
             last_seen: now,
             draining: false,
@@ -109,12 +112,20 @@ impl State {
             ));
         }
         for (job, lease) in old_leases {
-            self.lose_lease(
-                job,
-                lease,
-                now,
-                &format!("worker {worker_id} reconnected without this lease"),
-            );
+            if unconfirmed.contains(&job) {
+                let why = format!(
+                    "worker {worker_id} came back without this lease, granted just before the \
+                     coordinator restarted: its Assign was lost, so the attempt does not count"
+                );
+                self.requeue_undelivered(job, lease, now, &why);
+            } else {
+                self.lose_lease(
+                    job,
+                    lease,
+                    now,
+                    &format!("worker {worker_id} reconnected without this lease"),
+                );
+            }
         }
         self.dispatch_needed = true;
         generation
@@ -322,13 +333,7 @@ impl State {
             }
             complete::Outcome::Interrupted(i) => {
                 end_attempt(&mut live, now, "interrupted", &i.reason);
-                live.rec.lease = None;
-                live.rec.job.attempt = live.rec.job.attempt.saturating_sub(1);
-                if live.rec.job.cancel_requested {
-                    self.finish(&mut live, JobState::Cancelled, now);
-                } else {
-                    self.enqueue(&mut live, now);
-                }
+                self.requeue_interrupted(&mut live, now);
             }
         }
         self.save(live, old);

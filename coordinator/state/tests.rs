@@ -352,6 +352,49 @@ fn leases_survive_a_restart_for_one_lease_timeout() {
 }
 
 #[test]
+fn a_lease_the_worker_never_got_before_a_restart_costs_no_attempt() {
+    // The lease is durable, but the coordinator dies before its Assign reaches the worker.
+    let mut f = Fixture::new();
+    let mut one_shot = job("k", 0);
+    one_shot.max_attempts = 1;
+    let j = f.submit(one_shot);
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    w.assign();
+    let mut f = f.restart();
+    // The same worker comes back without it: it never had it. The job runs again at once,
+    // with its one attempt intact.
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let again = w.assign().job.unwrap();
+    assert_eq!(again.id, j.id);
+    assert_eq!((again.state(), again.attempt), (JobState::Running, 1));
+    assert_eq!(again.attempts.len(), 2);
+    assert_eq!(again.attempts[0].outcome, "interrupted");
+    assert!(
+        again.attempts[0].error.contains("restart"),
+        "{:?}",
+        again.attempts[0].error
+    );
+
+    // A restored lease the worker named is confirmed: leaving it out on a later reconnect
+    // costs the attempt, as for any lease.
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let a = w.assign();
+    let mut f = f.restart();
+    let held = vec![LeaseRef {
+        job_id: j.id.clone(),
+        lease_id: a.lease_id.clone(),
+    }];
+    let w = f.connect("w1", 1, &[], held);
+    f.state.disconnected("w1", w.generation);
+    f.connect("w1", 1, &[], vec![]);
+    let lost = f.get(&j.id);
+    assert_eq!((lost.state(), lost.attempt), (JobState::Scheduled, 1));
+    assert_eq!(lost.attempts[0].outcome, "lease_expired");
+}
+
+#[test]
 fn failures_retry_with_backoff_until_attempts_run_out() {
     let mut f = Fixture::new();
     let j = f.submit(job("k", 0));
