@@ -60,6 +60,10 @@ pub struct Config {
     pub default_shutdown_grace: Duration,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// Free space kept on the data directory's disk beyond the room for
+    /// finishing accepted work; new work that would cut into it is refused
+    /// (0: no check).
+    pub min_free_disk: u64,
     /// Schedules declared in the config file, checked.
     pub schedules: Vec<crate::proto::Schedule>,
     /// How long finished jobs are kept, per terminal state.
@@ -165,6 +169,7 @@ impl Default for Config {
             max_payload: 1 << 20,
             default_shutdown_grace: Duration::from_secs(30),
             cache_bytes: 256 << 20,
+            min_free_disk: 256 << 20,
             schedules: Vec::new(),
             retention: Retention::default(),
             tokens: Tokens::default(),
@@ -193,6 +198,8 @@ pub struct Settings {
     pub default_shutdown_grace: Option<String>,
     /// `--cache-size` / `ROTA_CACHE_SIZE` / `cache_size`.
     pub cache_size: Option<String>,
+    /// `--min-free-disk` / `ROTA_MIN_FREE_DISK` / `min_free_disk`.
+    pub min_free_disk: Option<String>,
     /// `[[schedules]]`, config file only.
     pub schedules: Option<Vec<crate::coordinator::declared::DeclaredSchedule>>,
     /// `--retention` / `ROTA_RETENTION` / `retention`: every terminal state.
@@ -257,6 +264,7 @@ impl Settings {
                 .default_shutdown_grace
                 .or(fallback.default_shutdown_grace),
             cache_size: self.cache_size.or(fallback.cache_size),
+            min_free_disk: self.min_free_disk.or(fallback.min_free_disk),
             schedules: self.schedules.or(fallback.schedules),
             retention: self.retention.or(fallback.retention),
             retention_succeeded: self.retention_succeeded.or(fallback.retention_succeeded),
@@ -363,6 +371,7 @@ impl Settings {
                 d.default_shutdown_grace,
             )?,
             cache_bytes: size("cache_size", self.cache_size, d.cache_bytes)?,
+            min_free_disk: size("min_free_disk", self.min_free_disk, d.min_free_disk)?,
             schedules,
             retention,
             tokens,
@@ -582,6 +591,19 @@ mod tests {
         assert_eq!(c.max_payload, 2048);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.min_free_disk, 256 << 20);
+        let file: Settings = toml::from_str("min_free_disk = \"64MiB\"").unwrap();
+        let c = Settings::default().merge(file).resolve().unwrap();
+        assert_eq!(c.min_free_disk, 64 << 20);
+        let bad = Settings {
+            min_free_disk: Some("lots".into()),
+            ..Default::default()
+        };
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("min_free_disk"));
     }
 
     #[test]

@@ -11,29 +11,71 @@
 //! updates). So a `SubmitJobs` of 1,000 jobs costs one sync, concurrent callers
 //! share one, and nobody is told of a change before it is on disk.
 //!
-//! If the store fails, the coordinator cannot promise anything any more: every
-//! waiting caller gets `UNAVAILABLE`, the engine stops, and [`Engine::failed`]
-//! resolves so that the server shuts down (a supervisor restarts it from the
-//! durable state).
+//! New work (submits, retries, new schedules, triggers) is first admitted by
+//! the [`DiskGuard`]: unless the disk keeps room to finish the accepted work
+//! plus `min_free_disk`, it is refused with `RESOURCE_EXHAUSTED`, while
+//! everything that finishes accepted work goes on.
+//!
+//! If the store fails anyway (a write or a sync: a full disk, an I/O error),
+//! nothing of the failed rounds is acknowledged: every waiting caller gets
+//! `UNAVAILABLE`, every session and watch stream ends, and the engine recovers
+//! in the same process ([`crate::coordinator::recovery`]): it answers every call
+//! with `UNAVAILABLE` naming the cause, and once the disk has room it reopens
+//! the store and rebuilds the model from it, as a restart would. Workers
+//! reconnect and resume their leases. Each opening of the store is an *epoch*;
+//! a read begun in an epoch that failed fails too, rather than return what may
+//! not be durable. If sled cannot close the failed store, the engine stops
+//! ([`Health::Stuck`]) and so does the coordinator, for a restart.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::clock::Clock;
+use crate::coordinator::disk::{self, DiskGuard};
 use crate::coordinator::error::Error;
 use crate::coordinator::ids::JobId;
+use crate::coordinator::recovery;
 use crate::coordinator::schedule::spec::Spec;
 use crate::coordinator::state::{Effect, Round, State};
-use crate::coordinator::store::Store;
+use crate::coordinator::store::{Store, StoreError};
 use crate::proto::{self, CoordinatorMessage, Hello, Job, Schedule, SubmitJobResponse};
 
 /// Most commands decided in one round, so one round's batch stays bounded.
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// Where the store lives: for the disk guard, and to reopen it after a failure.
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    /// The sled directory.
+    pub data_dir: PathBuf,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+    /// Free disk kept beyond the room for finishing accepted work; new work
+    /// that would cut into it is refused (0: no check).
+    pub min_free_disk: u64,
+}
+
+/// Whether the engine serves, or is reopening its store after a failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// The store is open and every call is served.
+    Serving,
+    /// The store failed; every call is answered `UNAVAILABLE` with this reason
+    /// until it is reopened.
+    Recovering(String),
+    /// The store failed and sled would not close it, so it cannot be reopened
+    /// in this process: the engine has stopped and the coordinator stops too
+    /// (a restart reopens the store).
+    Stuck(String),
+}
 
 /// A request for a change.
 enum Command {
@@ -53,24 +95,67 @@ enum Command {
     Disconnected(String, u64),
 }
 
+/// The model and the store of the current epoch, replaced together.
+struct Model {
+    /// The decisions.
+    state: State,
+    /// The store; `None` while recovering (the failed one is closed so that
+    /// it can be opened again).
+    store: Option<Arc<Store>>,
+    /// Cancelled when this epoch's store fails.
+    epoch: CancellationToken,
+}
+
 /// What the engine task and the request handlers share.
 struct Shared {
-    /// The model; locked briefly, never across an `.await`.
-    state: Mutex<State>,
-    /// The store, for reads of finished jobs and for the writes.
-    store: Arc<Store>,
+    /// The model and store; locked briefly, never across an `.await`.
+    model: Mutex<Model>,
     /// The time source.
     clock: Arc<dyn Clock>,
-    /// Cancelled when the store failed.
-    failed: CancellationToken,
     /// The number of the last round whose writes were applied to sled, or are
     /// being applied: it is set before the writes are visible to a reader.
-    applied: std::sync::atomic::AtomicU64,
+    applied: AtomicU64,
     /// The number of the last round whose writes are durable. Reads wait for
     /// it to pass what they saw, so nobody is told of a change before it is
     /// on disk.
-    durable: tokio::sync::watch::Sender<u64>,
+    durable: watch::Sender<u64>,
+    /// Serving or recovering, and why.
+    health: watch::Sender<Health>,
 }
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why the store failed (or why it is not reopened yet).
+    fn why(&self) -> String {
+        match &*self.health.borrow() {
+            Health::Recovering(why) | Health::Stuck(why) => why.clone(),
+            Health::Serving => "the store failed".into(),
+        }
+    }
+
+    /// The error for a call that meets a failed store.
+    fn failure(&self) -> Error {
+        Error::Unavailable(format!(
+            "the store failed and is being reopened: {}",
+            self.why()
+        ))
+    }
+
+    /// Marks the epoch failed: callers waiting on it get `why`.
+    fn fail_epoch(&self, epoch: &CancellationToken, why: &str) {
+        self.health
+            .send_replace(Health::Recovering(why.to_string()));
+        epoch.cancel();
+    }
+}
+
+/// The opening of the store a read began in: the read is good only if this
+/// epoch's writes up to it became durable.
+#[derive(Clone)]
+pub struct Epoch(CancellationToken);
 
 /// A cloneable handle to the engine.
 #[derive(Clone)]
@@ -100,6 +185,15 @@ fn unavailable() -> Error {
     Error::Unavailable("the coordinator is shutting down".into())
 }
 
+/// Why a failed store failed, for callers and the log.
+fn failure_reason(e: &StoreError) -> String {
+    if e.is_disk_full() {
+        format!("disk full: {e}")
+    } else {
+        e.to_string()
+    }
+}
+
 impl Engine {
     /// Starts the engine over a model rebuilt from `store`. It stops when
     /// `shutdown` is cancelled, after making its last round durable.
@@ -107,33 +201,41 @@ impl Engine {
         state: State,
         store: Arc<Store>,
         clock: Arc<dyn Clock>,
+        settings: StoreSettings,
         shutdown: CancellationToken,
     ) -> (Engine, EngineTask) {
         let shared = Arc::new(Shared {
-            state: Mutex::new(state),
-            store,
+            model: Mutex::new(Model {
+                state,
+                store: Some(store),
+                epoch: CancellationToken::new(),
+            }),
             clock,
-            failed: CancellationToken::new(),
             applied: Default::default(),
-            durable: tokio::sync::watch::Sender::new(0),
+            durable: watch::Sender::new(0),
+            health: watch::Sender::new(Health::Serving),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let join = tokio::spawn(run(shared.clone(), rx, shutdown));
+        let join = tokio::spawn(run(shared.clone(), rx, shutdown, settings));
         (Engine { shared, tx }, EngineTask { join })
     }
 
-    /// Resolves when the store has failed and the engine has stopped.
-    pub async fn failed(&self) {
-        self.shared.failed.cancelled().await
+    /// Serving or recovering; changes as the store fails and is reopened.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.shared.health.subscribe()
     }
 
-    /// Whether the store has failed.
-    pub fn failed_now(&self) -> bool {
-        self.shared.failed.is_cancelled()
+    /// Whether the store has failed and is not reopened yet.
+    pub fn recovering_now(&self) -> bool {
+        *self.shared.health.borrow() != Health::Serving
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Resolves if the store failed and cannot be reopened in this process:
+    /// the engine has stopped, and the coordinator should stop too.
+    pub async fn stuck(&self) {
+        let mut health = self.shared.health.subscribe();
+        // The sender lives as long as `self`.
+        let _ = health.wait_for(|h| matches!(h, Health::Stuck(_))).await;
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
@@ -229,23 +331,38 @@ impl Engine {
 
     /// Reads the model, and answers once what was read is durable.
     async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, Error> {
-        let value = f(&self.lock());
-        self.durable_now().await?;
+        let (value, epoch) = {
+            let model = self.shared.lock();
+            (f(&model.state), Epoch(model.epoch.clone()))
+        };
+        self.durable(&epoch).await?;
         Ok(value)
     }
 
-    /// Waits until every write applied so far is durable. Reads call it after
-    /// reading, so that what they return has reached the disk.
+    /// Waits until every write applied so far (in the current epoch) is durable.
     pub async fn durable_now(&self) -> Result<(), Error> {
-        let applied = self
-            .shared
-            .applied
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let epoch = Epoch(self.shared.lock().epoch.clone());
+        self.durable(&epoch).await
+    }
+
+    /// Waits until every write applied so far in `epoch` is durable. Reads
+    /// call it after reading, so that what they return has reached the disk;
+    /// it fails if the epoch's store failed.
+    pub async fn durable(&self, epoch: &Epoch) -> Result<(), Error> {
+        let applied = self.shared.applied.load(Ordering::SeqCst);
         let mut durable = self.shared.durable.subscribe();
-        tokio::select! {
-            r = durable.wait_for(|d| *d >= applied) => r.map(|_| ()).map_err(|_| unavailable()),
-            _ = self.shared.failed.cancelled() => Err(Error::Unavailable("the store failed".into())),
+        let reached = tokio::select! {
+            biased;
+            _ = epoch.0.cancelled() => false,
+            r = durable.wait_for(|d| *d >= applied) => r.is_ok(),
+        };
+        if epoch.0.is_cancelled() {
+            return Err(self.shared.failure());
         }
+        if !reached {
+            return Err(unavailable());
+        }
+        Ok(())
     }
 
     /// The current time, from the engine's clock.
@@ -276,12 +393,19 @@ impl Engine {
     /// One job. The store is read without the lock: a job leaves the model
     /// only after its final record was applied to sled, under the lock.
     pub async fn get_job(&self, id: JobId) -> Result<Job, Error> {
-        let live = self.lock().live_job(id);
+        let (live, store, epoch) = {
+            let model = self.shared.lock();
+            let live = model.state.live_job(id);
+            (live, model.store.clone(), Epoch(model.epoch.clone()))
+        };
         let job = match live {
             Some(job) => job,
-            None => crate::coordinator::state::finished_job(id, &self.shared.store)?,
+            None => {
+                let store = store.ok_or_else(|| self.shared.failure())?;
+                crate::coordinator::state::finished_job(id, &store)?
+            }
         };
-        self.durable_now().await?;
+        self.durable(&epoch).await?;
         Ok(job)
     }
 
@@ -290,8 +414,13 @@ impl Engine {
         &self,
         id: JobId,
     ) -> Result<(Job, Option<mpsc::UnboundedReceiver<Job>>), Error> {
-        let watched = self.lock().watch(id, &self.shared.store)?;
-        self.durable_now().await?;
+        let (watched, epoch) = {
+            let mut model = self.shared.lock();
+            let model = &mut *model;
+            let store = model.store.clone().ok_or_else(|| self.shared.failure())?;
+            (model.state.watch(id, &store)?, Epoch(model.epoch.clone()))
+        };
+        self.durable(&epoch).await?;
         Ok(watched)
     }
 
@@ -306,9 +435,12 @@ impl Engine {
         self.read(|s| s.queue_stats(queue, now)).await
     }
 
-    /// The store, for scans off the engine's task.
-    pub fn store_handle(&self) -> Arc<Store> {
-        self.shared.store.clone()
+    /// The store, for scans off the engine's task, and its epoch: pass it to
+    /// [`Engine::durable`] after the scan.
+    pub fn store_handle(&self) -> Result<(Arc<Store>, Epoch), Error> {
+        let model = self.shared.lock();
+        let store = model.store.clone().ok_or_else(|| self.shared.failure())?;
+        Ok((store, Epoch(model.epoch.clone())))
     }
 }
 
@@ -324,10 +456,21 @@ fn reply_after<T: Send + 'static>(state: &mut State, reply: Reply<T>, value: Res
     }));
 }
 
-fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
+/// Record bytes a submit would write, for the disk guard.
+fn submit_bytes(jobs: &[Job]) -> u64 {
+    jobs.iter()
+        .map(|j| j.encoded_len() as u64 + disk::RECORD_OVERHEAD)
+        .sum()
+}
+
+/// Decides one command. New work must first fit on the disk.
+fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard: &mut DiskGuard) {
     match cmd {
         Command::Submit(jobs, r) => {
-            let v = state.submit(jobs, now, store);
+            let v = match guard.admit(submit_bytes(&jobs), state.live_bytes()) {
+                Ok(()) => state.submit(jobs, now, store),
+                Err(full) => return drop(r.send(Err(full.into()))),
+            };
             reply_after(state, r, v);
         }
         Command::Cancel(id, reason, r) => {
@@ -335,7 +478,10 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
             reply_after(state, r, v);
         }
         Command::Retry(id, r) => {
-            let v = state.retry(id, now, store);
+            let v = match guard.admit(disk::RECORD_OVERHEAD, state.live_bytes()) {
+                Ok(()) => state.retry(id, now, store),
+                Err(full) => return drop(r.send(Err(full.into()))),
+            };
             reply_after(state, r, v);
         }
         Command::Hello(hello, tx, r) => {
@@ -344,7 +490,11 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
         }
         Command::PutSchedule(put, r) => {
             let (schedule, spec) = *put;
-            let v = state.put_schedule(schedule, spec, now, false);
+            let bytes = schedule.encoded_len() as u64 + disk::RECORD_OVERHEAD;
+            let v = match guard.admit(bytes, state.live_bytes()) {
+                Ok(()) => state.put_schedule(schedule, spec, now, false),
+                Err(full) => return drop(r.send(Err(full.into()))),
+            };
             reply_after(state, r, v);
         }
         Command::DeleteSchedule(name, r) => {
@@ -360,7 +510,10 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
             reply_after(state, r, v);
         }
         Command::TriggerSchedule(name, r) => {
-            let v = state.trigger_schedule(&name, now);
+            let v = match guard.admit(2 * disk::RECORD_OVERHEAD, state.live_bytes()) {
+                Ok(()) => state.trigger_schedule(&name, now),
+                Err(full) => return drop(r.send(Err(full.into()))),
+            };
             reply_after(state, r, v);
         }
         Command::DrainWorker(w, reason, r) => {
@@ -376,22 +529,68 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store) {
     }
 }
 
-/// The engine task.
+/// The engine task: serves epoch after epoch, recovering between them, until
+/// shutdown, or until a failed store cannot be closed (see [`Health::Stuck`]).
 async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Command>,
     shutdown: CancellationToken,
+    settings: StoreSettings,
 ) {
+    let mut rounds = 0u64;
+    loop {
+        // A fresh guard per epoch: the disk has changed while the store was closed.
+        let mut guard = DiskGuard::new(&settings.data_dir, settings.min_free_disk);
+        let end = serve(&shared, &mut rx, &shutdown, &mut guard, &mut rounds).await;
+        if !end.failed {
+            // A clean stop: the sync thread makes the last writes durable.
+            let _ = end.synced.await;
+            return;
+        }
+        if !recover(&shared, &mut rx, &shutdown, &settings, rounds, end.synced).await {
+            return;
+        }
+    }
+}
+
+/// How an epoch ended.
+struct EpochEnd {
+    /// Its store failed (rather than a shutdown).
+    failed: bool,
+    /// Resolves (with an error) when the epoch's sync thread has finished.
+    synced: oneshot::Receiver<()>,
+}
+
+/// Serves one epoch: decides rounds and hands them to a sync thread until
+/// shutdown or a store failure. Either way every session and watch stream ends
+/// (leases stay stored) and every caller waiting for the engine is answered.
+async fn serve(
+    shared: &Arc<Shared>,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &CancellationToken,
+    guard: &mut DiskGuard,
+    round_number: &mut u64,
+) -> EpochEnd {
+    let (store, epoch) = {
+        let model = shared.lock();
+        let store = model.store.clone().expect("an epoch starts with its store");
+        (store, model.epoch.clone())
+    };
     let (sync_tx, sync_rx) = std::sync::mpsc::channel::<Round>();
-    let store = shared.store.clone();
-    let failed = shared.failed.clone();
-    let durable = shared.durable.clone();
-    let syncer = std::thread::Builder::new()
-        .name("rota-sync".into())
-        .spawn(move || sync_loop(&store, sync_rx, &failed, &durable))
-        .expect("spawning the sync thread");
+    // Dropped when the sync thread ends: how its end is awaited without a
+    // blocking join (after some failures sled never returns from a flush).
+    let (finished, synced) = oneshot::channel::<()>();
+    {
+        let (shared, store, epoch) = (shared.clone(), store.clone(), epoch.clone());
+        std::thread::Builder::new()
+            .name("rota-sync".into())
+            .spawn(move || {
+                let _finished = finished;
+                sync_loop(&shared, &store, &epoch, sync_rx)
+            })
+            .expect("spawning the sync thread");
+    }
     let mut commands = Vec::with_capacity(64);
-    let mut round_number = 0u64;
     let mut durable_rx = shared.durable.subscribe();
     // The round of the last deletions. The next chunk waits until it is
     // durable, so a sync (which the replies of its rounds wait for) never
@@ -401,7 +600,8 @@ async fn run(
         let now = shared.clock.now();
         let sweep_open = *durable_rx.borrow_and_update() >= sweep_round;
         let next = {
-            let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let model = shared.lock();
+            let state = &model.state;
             let deletion = if sweep_open {
                 state.next_deletion()
             } else {
@@ -416,7 +616,7 @@ async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = shared.failed.cancelled() => break,
+            _ = epoch.cancelled() => break,
             n = rx.recv_many(&mut commands, MAX_COMMANDS_PER_ROUND) => {
                 if n == 0 { break; }
             }
@@ -426,16 +626,18 @@ async fn run(
             _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
         }
         let now = shared.clock.now();
+        guard.refresh(Instant::now());
         let round = {
-            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut model = shared.lock();
+            let state = &mut model.state;
             for cmd in commands.drain(..) {
-                decide(&mut state, cmd, now, &shared.store);
+                decide(state, cmd, now, &store, guard);
             }
             state.fire_due(now);
             // At most one chunk of deletions per round, and only once the
             // previous chunk is durable: a backlog never holds dispatch up.
             let swept = if *shared.durable.borrow() >= sweep_round {
-                state.sweep(now, &shared.store)
+                state.sweep(now, &store)
             } else {
                 0
             };
@@ -443,25 +645,26 @@ async fn run(
             let mut round = state.take_round();
             // Applied under the lock, so readers never see the model ahead of sled.
             let writes = std::mem::take(&mut round.writes);
+            let bytes = writes.bytes();
             round.dirty = !writes.is_empty();
             if round.dirty {
-                round_number += 1;
-                round.number = round_number;
+                *round_number += 1;
+                round.number = *round_number;
             }
             if swept > 0 {
-                sweep_round = round_number;
+                sweep_round = *round_number;
             }
             // Published before the writes reach sled: ListJobs scans sled without the lock,
             // and a scan that sees any of these writes must then wait for this round's sync.
-            shared
-                .applied
-                .store(round_number, std::sync::atomic::Ordering::SeqCst);
-            if let Err(e) = shared.store.apply(writes) {
-                tracing::error!(error = %e, "store write failed; stopping");
-                fail_round(round, &e.to_string());
-                shared.failed.cancel();
+            shared.applied.store(*round_number, Ordering::SeqCst);
+            if let Err(e) = store.apply(writes) {
+                let why = failure_reason(&e);
+                tracing::error!(error = %e, "store write failed; reopening the store");
+                shared.fail_epoch(&epoch, &why);
+                fail_round(round, &why);
                 break;
             }
+            guard.wrote(bytes);
             round
         };
         if round.effects.is_empty() && !round.dirty {
@@ -471,35 +674,144 @@ async fn run(
             break;
         }
     }
-    // End every session and watch stream (their leases stay stored), answer
-    // what is still waiting, then let the sync thread finish.
-    shared
-        .state
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .close_streams();
-    rx.close();
-    while let Ok(cmd) = rx.try_recv() {
-        refuse(cmd);
+    let failed = epoch.is_cancelled();
+    // End every session and watch stream (their leases stay stored) and answer
+    // what is still waiting; the sync thread finishes on its own.
+    shared.lock().state.close_streams();
+    if !failed {
+        rx.close();
     }
-    drop(sync_tx);
-    let _ = tokio::task::spawn_blocking(move || syncer.join()).await;
+    while let Ok(cmd) = rx.try_recv() {
+        refuse(cmd, || {
+            if failed {
+                shared.failure()
+            } else {
+                unavailable()
+            }
+        });
+    }
+    EpochEnd { failed, synced }
 }
 
-fn refuse(cmd: Command) {
-    match cmd {
-        Command::Submit(_, r) => drop(r.send(Err(unavailable()))),
-        Command::Cancel(_, _, r) => drop(r.send(Err(unavailable()))),
-        Command::Retry(_, r) => drop(r.send(Err(unavailable()))),
-        Command::Hello(_, _, r) => drop(r.send(Err(unavailable()))),
-        Command::PutSchedule(_, r) => drop(r.send(Err(unavailable()))),
-        Command::DeleteSchedule(_, r) => drop(r.send(Err(unavailable()))),
-        Command::PauseSchedule(_, r) | Command::ResumeSchedule(_, r) => {
-            drop(r.send(Err(unavailable())))
+/// Runs `work` while answering every command with the store's failure.
+/// `None` if the engine is shut down (or all its handles are gone) first.
+async fn refusing<F: std::future::Future>(
+    shared: &Shared,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &CancellationToken,
+    work: F,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            out = &mut work => return Some(out),
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => refuse(cmd, || shared.failure()),
+                None => return None,
+            },
         }
-        Command::TriggerSchedule(_, r) => drop(r.send(Err(unavailable()))),
-        Command::DrainWorker(_, _, r) => drop(r.send(Err(unavailable()))),
-        _ => {}
+    }
+}
+
+/// Waits out a store failure, answering every call with `UNAVAILABLE`: closes
+/// the failed store, then reopens it once the disk has room. Returns `false`
+/// if shut down first, or if the failed store cannot be closed (sled is stuck;
+/// the health turns [`Health::Stuck`] and the coordinator stops, for its
+/// supervisor to restart it).
+async fn recover(
+    shared: &Arc<Shared>,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    shutdown: &CancellationToken,
+    settings: &StoreSettings,
+    rounds: u64,
+    synced: oneshot::Receiver<()>,
+) -> bool {
+    let (failed_store, failure, state_settings, last_generation) = {
+        let mut model = shared.lock();
+        let state = &model.state;
+        let kept = (state.settings().clone(), state.last_generation());
+        (model.store.take(), shared.why(), kept.0, kept.1)
+    };
+    // sled lets go of its files once the last handle is closed.
+    let closing = async {
+        let synced = tokio::time::timeout(recovery::CLOSE_TIMEOUT, synced).await;
+        synced.is_ok() && recovery::close_store(failed_store).await
+    };
+    match refusing(shared, rx, shutdown, closing).await {
+        None => return false,
+        Some(true) => {}
+        Some(false) => {
+            let why = format!(
+                "{failure}; the failed store did not close within {:?} (sled is stuck), so it cannot be reopened in this process: restart the coordinator",
+                recovery::CLOSE_TIMEOUT
+            );
+            tracing::error!(error = %why, "stopping");
+            shared.health.send_replace(Health::Stuck(why));
+            return false;
+        }
+    }
+    let mut delay = recovery::FIRST_RETRY;
+    loop {
+        let wait = tokio::time::sleep(delay);
+        if refusing(shared, rx, shutdown, wait).await.is_none() {
+            return false;
+        }
+        let reopen = recovery::reopen(
+            &settings.data_dir,
+            settings.cache_bytes,
+            settings.min_free_disk,
+            state_settings.clone(),
+            shared.clock.now(),
+        );
+        let Some(reopened) = refusing(shared, rx, shutdown, reopen).await else {
+            return false;
+        };
+        match reopened {
+            Ok((store, mut state)) => {
+                state.continue_generations_after(last_generation);
+                let mut model = shared.lock();
+                *model = Model {
+                    state,
+                    store: Some(Arc::new(store)),
+                    epoch: CancellationToken::new(),
+                };
+                // Nothing of the new epoch waits to be made durable.
+                shared.applied.store(rounds, Ordering::SeqCst);
+                shared.durable.send_modify(|d| *d = (*d).max(rounds));
+                shared.health.send_replace(Health::Serving);
+                drop(model);
+                tracing::info!("serving again after the store failure");
+                return true;
+            }
+            Err(e) => {
+                delay = recovery::next_retry(delay);
+                tracing::warn!(error = %e, retry_in = ?delay, "store not reopened yet");
+                shared
+                    .health
+                    .send_replace(Health::Recovering(format!("{failure}; {e}")));
+            }
+        }
+    }
+}
+
+/// Answers a command that will not be decided; tells are dropped.
+fn refuse(cmd: Command, error: impl Fn() -> Error) {
+    match cmd {
+        Command::Submit(_, r) => drop(r.send(Err(error()))),
+        Command::Cancel(_, _, r) => drop(r.send(Err(error()))),
+        Command::Retry(_, r) => drop(r.send(Err(error()))),
+        Command::Hello(_, _, r) => drop(r.send(Err(error()))),
+        Command::PutSchedule(_, r) => drop(r.send(Err(error()))),
+        Command::DeleteSchedule(_, r) => drop(r.send(Err(error()))),
+        Command::PauseSchedule(_, r) | Command::ResumeSchedule(_, r) => drop(r.send(Err(error()))),
+        Command::TriggerSchedule(_, r) => drop(r.send(Err(error()))),
+        Command::DrainWorker(_, _, r) => drop(r.send(Err(error()))),
+        Command::Heartbeat(..)
+        | Command::Complete(..)
+        | Command::Draining(..)
+        | Command::Disconnected(..) => {}
     }
 }
 
@@ -512,36 +824,45 @@ fn fail_round(round: Round, why: &str) {
 /// The sync thread: one flush and fsync for every round that queued up while
 /// the last one ran, then their effects, in order.
 fn sync_loop(
+    shared: &Shared,
     store: &Store,
+    epoch: &CancellationToken,
     rx: std::sync::mpsc::Receiver<Round>,
-    failed: &CancellationToken,
-    durable: &tokio::sync::watch::Sender<u64>,
 ) {
     let mut pending: Vec<Round> = Vec::new();
     while let Ok(first) = rx.recv() {
         pending.push(first);
         pending.extend(rx.try_iter());
         let dirty = pending.iter().any(|r| r.dirty);
-        let outcome = if dirty { store.sync() } else { Ok(()) };
+        let outcome = if epoch.is_cancelled() {
+            // A later write failed first: sled refuses everything now.
+            Err(shared.why())
+        } else if dirty {
+            store.sync().map_err(|e| {
+                let why = failure_reason(&e);
+                tracing::error!(error = %e, "store sync failed; reopening the store");
+                shared.fail_epoch(epoch, &why);
+                why
+            })
+        } else {
+            Ok(())
+        };
         match outcome {
             Ok(()) => {
                 let newest = pending.iter().map(|r| r.number).max().unwrap_or(0);
                 for round in pending.drain(..) {
                     run_effects(round.effects, Ok(()));
                 }
-                durable.send_if_modified(|d| {
+                shared.durable.send_if_modified(|d| {
                     let advanced = newest > *d;
                     *d = (*d).max(newest);
                     advanced
                 });
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store sync failed; stopping");
-                let why = e.to_string();
+            Err(why) => {
                 for round in pending.drain(..) {
                     run_effects(round.effects, Err(&why));
                 }
-                failed.cancel();
                 for round in rx.iter() {
                     run_effects(round.effects, Err(&why));
                 }
@@ -549,8 +870,10 @@ fn sync_loop(
             }
         }
     }
-    if let Err(e) = store.sync() {
-        tracing::error!(error = %e, "final store sync failed");
+    if !epoch.is_cancelled() {
+        if let Err(e) = store.sync() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
     }
 }
 
@@ -567,7 +890,22 @@ mod tests {
     use crate::coordinator::state::{Settings, SWEEP_CHUNK};
     use crate::proto::JobState;
 
+    fn place(dir: &std::path::Path) -> StoreSettings {
+        StoreSettings {
+            data_dir: dir.to_path_buf(),
+            cache_bytes: 1 << 20,
+            min_free_disk: 0,
+        }
+    }
+
     fn start(dir: &std::path::Path) -> (Engine, EngineTask, CancellationToken) {
+        start_with_min_free(dir, 0)
+    }
+
+    fn start_with_min_free(
+        dir: &std::path::Path,
+        min_free_disk: u64,
+    ) -> (Engine, EngineTask, CancellationToken) {
         let store = Arc::new(Store::open(dir, 1 << 20).unwrap());
         let settings = Settings {
             lease_timeout: Duration::from_secs(30),
@@ -577,7 +915,12 @@ mod tests {
         };
         let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
         let stop = CancellationToken::new();
-        let (engine, task) = Engine::start(state, store, Arc::new(SystemClock), stop.clone());
+        let place = StoreSettings {
+            min_free_disk,
+            ..place(dir)
+        };
+        let (engine, task) =
+            Engine::start(state, store, Arc::new(SystemClock), place, stop.clone());
         (engine, task, stop)
     }
 
@@ -597,10 +940,42 @@ mod tests {
     async fn a_batch_of_a_thousand_jobs_costs_one_sync() {
         let dir = tempfile::tempdir().unwrap();
         let (engine, task, stop) = start(dir.path());
-        let before = engine.store_handle().sync_count();
+        let before = engine.store_handle().unwrap().0.sync_count();
         let results = engine.submit((0..1000).map(job).collect()).await.unwrap();
         assert_eq!(results.len(), 1000);
-        assert_eq!(engine.store_handle().sync_count() - before, 1);
+        assert_eq!(engine.store_handle().unwrap().0.sync_count() - before, 1);
+        stop.cancel();
+        task.wait().await;
+    }
+
+    #[tokio::test]
+    async fn new_work_is_refused_below_min_free_disk_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // No disk has this much free: every new piece of work is refused.
+        let (engine, task, stop) = start_with_min_free(dir.path(), u64::MAX / 16);
+        let before = engine.store_handle().unwrap().0.sync_count();
+        let refused = engine.submit(vec![job(1)]).await.unwrap_err();
+        assert!(matches!(refused, Error::DiskFull(_)), "{refused:?}");
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().starts_with("disk full: "), "{status:?}");
+        let retry = engine.retry(JobId::generate()).await.unwrap_err();
+        assert!(matches!(retry, Error::DiskFull(_)), "{retry:?}");
+        let trigger = engine.trigger_schedule("s".into()).await.unwrap_err();
+        assert!(matches!(trigger, Error::DiskFull(_)), "{trigger:?}");
+        // What is not new work is decided as usual.
+        let cancel = engine.cancel(JobId::generate(), String::new()).await;
+        assert!(matches!(cancel, Err(Error::NotFound(_))), "{cancel:?}");
+        assert_eq!(engine.store_handle().unwrap().0.sync_count(), before);
+        assert!(engine
+            .store_handle()
+            .unwrap()
+            .0
+            .snapshot()
+            .unwrap()
+            .jobs
+            .is_empty());
+        assert!(!engine.recovering_now());
         stop.cancel();
         task.wait().await;
     }
@@ -647,8 +1022,13 @@ mod tests {
         let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
         assert_eq!(state.sweep_pending(), n);
         let stop = CancellationToken::new();
-        let (engine, task) =
-            Engine::start(state, store.clone(), Arc::new(SystemClock), stop.clone());
+        let (engine, task) = Engine::start(
+            state,
+            store.clone(),
+            Arc::new(SystemClock),
+            place(dir.path()),
+            stop.clone(),
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while store.scan_jobs(None).next().is_some() {
             assert!(
@@ -657,6 +1037,8 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The scan sees the last chunk once it is applied; its sync may still be running.
+        engine.durable_now().await.unwrap();
         let rounds = engine
             .shared
             .applied
@@ -694,7 +1076,7 @@ mod tests {
     async fn concurrent_submits_share_syncs_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (engine, task, stop) = start(dir.path());
-        let before = engine.store_handle().sync_count();
+        let before = engine.store_handle().unwrap().0.sync_count();
         let calls: Vec<_> = (0..64)
             .map(|i| {
                 let e = engine.clone();
@@ -706,7 +1088,7 @@ mod tests {
             let r = c.await.unwrap().unwrap();
             ids.push(r[0].job.as_ref().unwrap().id.clone());
         }
-        let syncs = engine.store_handle().sync_count() - before;
+        let syncs = engine.store_handle().unwrap().0.sync_count() - before;
         assert!(syncs < 64, "64 concurrent submits took {syncs} syncs");
         stop.cancel();
         task.wait().await;

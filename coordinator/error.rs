@@ -1,6 +1,7 @@
 //! The errors a coordinator call can end with, and their one mapping to
 //! [`tonic::Status`].
 
+use crate::coordinator::disk::DiskError;
 use crate::coordinator::store::StoreError;
 
 /// Why a request to the coordinator failed.
@@ -21,6 +22,9 @@ pub enum Error {
     /// The store failed to read or write.
     #[error("store error: {0}")]
     Store(#[from] StoreError),
+    /// The data directory's disk is too full for new work.
+    #[error(transparent)]
+    DiskFull(#[from] DiskError),
 }
 
 impl Error {
@@ -38,6 +42,7 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::Unavailable(m) => tonic::Status::unavailable(m),
             Error::Store(e) => tonic::Status::unavailable(format!("store error: {e}")),
+            Error::DiskFull(e) => tonic::Status::resource_exhausted(e.to_string()),
         }
     }
 }

@@ -40,6 +40,12 @@ struct Cli {
     /// Size of the database's page cache [default: 256MiB].
     #[arg(long, env = "ROTA_CACHE_SIZE")]
     cache_size: Option<String>,
+    /// New work (submits, retries, new schedules, triggers) is refused with
+    /// RESOURCE_EXHAUSTED unless this much stays free on the data directory's
+    /// disk beyond the room kept to finish the accepted jobs, which always
+    /// complete. 0 turns the check off [default: 256MiB].
+    #[arg(long, env = "ROTA_MIN_FREE_DISK")]
+    min_free_disk: Option<String>,
     /// How long finished jobs (SUCCEEDED, FAILED, CANCELLED, EXPIRED) are kept
     /// after they end before they are deleted, with their idempotency keys: a
     /// duration of at least 1s, or `forever` [default: 7d].
@@ -125,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         max_payload: cli.max_payload,
         default_shutdown_grace: cli.default_shutdown_grace,
         cache_size: cli.cache_size,
+        min_free_disk: cli.min_free_disk,
         schedules: None,
         retention: cli.retention,
         retention_succeeded: cli.retention_succeeded,

@@ -2,7 +2,8 @@
 //!
 //! - [`store`]: sled, records under key prefixes, flush + fsync.
 //! - [`state`]: the in-memory dispatch model and every decision.
-//! - [`engine`]: the task that applies decisions and the group-commit thread.
+//! - [`engine`]: the task that applies decisions and the group-commit thread;
+//!   [`disk`] keeps it from filling the disk, [`recovery`] reopens a failed store.
 //! - [`service`]: the gRPC services, thin adapters over the engine.
 //!
 //! [`Coordinator::open`] rebuilds the model from the store; [`Coordinator::serve`]
@@ -13,11 +14,13 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod declared;
+pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod ids;
 pub mod ready;
 pub mod record;
+pub mod recovery;
 pub mod retention;
 pub mod schedule;
 pub mod service;
@@ -34,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::clock::{Clock, SystemClock};
-use crate::coordinator::engine::Engine;
+use crate::coordinator::engine::{Engine, Health, StoreSettings};
 use crate::coordinator::state::{Settings, State};
 use crate::coordinator::store::{Store, StoreError};
 use crate::proto;
@@ -58,8 +61,10 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// The store failed while serving; nothing unacknowledged was promised.
-    #[error("the store failed; stopped to protect the data (see the log)")]
+    /// Stopped while the store had failed and was not reopened yet (or it
+    /// could not be reopened in this process); nothing unacknowledged was
+    /// promised, and a restart reopens it.
+    #[error("stopped while the store had failed and was not reopened (see the log); a restart reopens it")]
     StoreFailed,
     /// A schedule declared in the config file was refused.
     #[error("declared schedule: {0}")]
@@ -155,8 +160,18 @@ impl Coordinator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RunError> {
         let root = CancellationToken::new();
-        let (engine, engine_task) =
-            Engine::start(self.state, self.store, self.clock, root.child_token());
+        let place = StoreSettings {
+            data_dir: self.config.data_dir.clone(),
+            cache_bytes: self.config.cache_bytes,
+            min_free_disk: self.config.min_free_disk,
+        };
+        let (engine, engine_task) = Engine::start(
+            self.state,
+            self.store,
+            self.clock,
+            place,
+            root.child_token(),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<proto::job_service_server::JobServiceServer<service::jobs::Jobs>>()
@@ -230,10 +245,11 @@ impl Coordinator {
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown => tracing::info!("shutting down"),
-                _ = watcher.failed() => tracing::error!("store failed; shutting down"),
+                _ = watcher.stuck() => tracing::error!("the store cannot be reopened in this process; shutting down"),
             }
             stop.cancel();
         });
+        tokio::spawn(follow_health(engine.health(), health.clone()));
         // Small messages (Assign, Complete) must not wait for Nagle's algorithm.
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))
@@ -270,13 +286,41 @@ impl Coordinator {
                 Ok(())
             }
         };
-        let failed = engine.failed_now();
+        let failed = engine.recovering_now();
         served?;
         if failed {
             return Err(RunError::StoreFailed);
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Reports the services NOT_SERVING on the health service while the engine
+/// recovers from a store failure, and SERVING again once it has reopened it.
+async fn follow_health(
+    mut engine_health: tokio::sync::watch::Receiver<Health>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    use proto::admin_service_server::AdminServiceServer;
+    use proto::job_service_server::JobServiceServer;
+    use proto::schedule_service_server::ScheduleServiceServer;
+    use proto::worker_service_server::WorkerServiceServer;
+    use tonic::server::NamedService;
+    let names = [
+        <JobServiceServer<service::jobs::Jobs> as NamedService>::NAME,
+        <WorkerServiceServer<service::session::Sessions> as NamedService>::NAME,
+        <AdminServiceServer<service::admin::Admin> as NamedService>::NAME,
+        <ScheduleServiceServer<service::schedules::Schedules> as NamedService>::NAME,
+    ];
+    while engine_health.changed().await.is_ok() {
+        let status = match *engine_health.borrow_and_update() {
+            Health::Serving => tonic_health::ServingStatus::Serving,
+            Health::Recovering(_) | Health::Stuck(_) => tonic_health::ServingStatus::NotServing,
+        };
+        for name in names {
+            reporter.set_service_status(name, status).await;
+        }
     }
 }
 

@@ -58,6 +58,22 @@ pub enum StoreError {
     CorruptIdempotency(String),
 }
 
+impl StoreError {
+    /// Whether the disk (or the user's quota on it) is full.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StoreError::Sled(sled::Error::Io(e)) => e,
+            StoreError::Sync { source, .. } => source,
+            _ => return false,
+        };
+        // sled wraps the OS error in a custom one of the same kind.
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) || matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    }
+}
+
 /// The sled database and the file handle used to fsync it.
 pub struct Store {
     /// The database (its default tree holds every record).
@@ -126,6 +142,8 @@ pub struct Writes {
     batch: sled::Batch,
     /// How many records it writes.
     len: usize,
+    /// The bytes of the keys and values it writes.
+    bytes: u64,
 }
 
 impl Writes {
@@ -136,12 +154,14 @@ impl Writes {
 
     /// Writes a job record already encoded with [`JobRecord::encode`].
     pub fn put_encoded_job(&mut self, id: JobId, encoded: Vec<u8>) {
+        self.bytes += (17 + encoded.len()) as u64;
         self.batch.insert(&job_key(&id)[..], encoded);
         self.len += 1;
     }
 
     /// Records that `key` names `id`.
     pub fn put_idempotency(&mut self, key: &str, id: JobId) {
+        self.bytes += (1 + key.len() + 16) as u64;
         self.batch.insert(idem_key(key), id.as_bytes().to_vec());
         self.len += 1;
     }
@@ -160,13 +180,16 @@ impl Writes {
 
     /// Writes (or overwrites) a schedule.
     pub fn put_schedule(&mut self, entry: &ScheduleEntry) {
+        let value = entry.encode();
+        self.bytes += (1 + entry.name().len() + value.len()) as u64;
         self.batch
-            .insert(prefixed(SCHEDULE_PREFIX, entry.name()), entry.encode());
+            .insert(prefixed(SCHEDULE_PREFIX, entry.name()), value);
         self.len += 1;
     }
 
     /// Deletes a schedule.
     pub fn delete_schedule(&mut self, name: &str) {
+        self.bytes += (1 + name.len()) as u64;
         self.batch.remove(prefixed(SCHEDULE_PREFIX, name));
         self.len += 1;
     }
@@ -179,6 +202,11 @@ impl Writes {
     /// How many records are written.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The bytes of the keys and values written (what the disk guard counts).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 }
 
@@ -393,6 +421,24 @@ mod tests {
             store.get_job(big.id()).unwrap().unwrap().job.payload.len(),
             300 << 10
         );
+    }
+
+    #[test]
+    fn disk_full_is_told_apart_from_other_failures() {
+        let sync = |e: std::io::Error| StoreError::Sync {
+            path: "db".into(),
+            source: e,
+        };
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(sync(enospc).is_disk_full());
+        // What sled 0.34 returns on ENOSPC: the OS error wrapped in a custom one.
+        let wrapped = std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            std::io::Error::from_raw_os_error(libc::ENOSPC).to_string(),
+        );
+        assert!(StoreError::Sled(sled::Error::Io(wrapped)).is_disk_full());
+        assert!(!sync(std::io::Error::from_raw_os_error(libc::EIO)).is_disk_full());
+        assert!(!StoreError::CorruptIdempotency("k".into()).is_disk_full());
     }
 
     #[test]

@@ -100,6 +100,16 @@ impl Workers {
         self.next_generation
     }
 
+    /// The last generation handed out.
+    pub fn last_generation(&self) -> u64 {
+        self.next_generation
+    }
+
+    /// Hands out generations after `last` only.
+    pub fn continue_after(&mut self, last: u64) {
+        self.next_generation = self.next_generation.max(last);
+    }
+
     /// The entry of `worker_id` if its current session is `generation`.
     pub fn current_mut(&mut self, worker_id: &str, generation: u64) -> Option<&mut WorkerEntry> {
         self.map.get_mut(worker_id).filter(|w| {

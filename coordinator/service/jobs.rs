@@ -220,14 +220,14 @@ impl JobService for Jobs {
             kind: req.kind,
             schedule: req.schedule,
         };
-        let store: Arc<Store> = self.engine.store_handle();
+        let (store, epoch): (Arc<Store>, _) = self.engine.store_handle()?;
         let budget = self.max_message_size.saturating_sub(PAGE_HEADROOM);
         let page =
             tokio::task::spawn_blocking(move || list_page(&store, &filter, after, size, budget))
                 .await
                 .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
         // What the scan saw may include writes not yet on disk.
-        self.engine.durable_now().await?;
+        self.engine.durable(&epoch).await?;
         Ok(Response::new(page))
     }
 

@@ -105,6 +105,9 @@ struct Live {
 struct LiveJobs {
     /// The encoded record and ready-index slot, by job.
     map: HashMap<JobId, Packed>,
+    /// The bytes of every record in `map`: what finishing them will write
+    /// again (the disk guard keeps room for it).
+    bytes: u64,
 }
 
 /// One unfinished job, encoded.
@@ -135,10 +138,13 @@ impl LiveJobs {
 
     /// Takes a job out, decoded.
     fn remove(&mut self, id: &JobId) -> Option<Live> {
-        self.map.remove(id).map(|p| Live {
-            rec: JobRecord::decode(&p.record)
-                .expect("records in the model were encoded by the model"),
-            ready: p.ready,
+        self.map.remove(id).map(|p| {
+            self.bytes -= p.record.len() as u64;
+            Live {
+                rec: JobRecord::decode(&p.record)
+                    .expect("records in the model were encoded by the model"),
+                ready: p.ready,
+            }
         })
     }
 
@@ -148,13 +154,17 @@ impl LiveJobs {
     }
 
     fn insert_encoded(&mut self, id: JobId, record: Vec<u8>, ready: Option<Slot>) {
-        self.map.insert(
+        self.bytes += record.len() as u64;
+        let replaced = self.map.insert(
             id,
             Packed {
                 record: record.into_boxed_slice(),
                 ready,
             },
         );
+        if let Some(old) = replaced {
+            self.bytes -= old.record.len() as u64;
+        }
     }
 }
 
@@ -306,6 +316,28 @@ impl State {
     /// Seeds the jitter source, for reproducible tests.
     pub fn seed_jitter(&mut self, seed: u64) {
         self.rng = rand::rngs::StdRng::seed_from_u64(seed);
+    }
+
+    /// The settings the model was built with (to rebuild it after a store failure).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The bytes of the records of every unfinished job: about what finishing
+    /// them will write again, per transition.
+    pub fn live_bytes(&self) -> u64 {
+        self.jobs.bytes
+    }
+
+    /// The last session generation handed out.
+    pub fn last_generation(&self) -> u64 {
+        self.workers.last_generation()
+    }
+
+    /// Hands out session generations after `last` only: a model rebuilt in the
+    /// same process must not reuse the numbers of streams still closing.
+    pub fn continue_generations_after(&mut self, last: u64) {
+        self.workers.continue_after(last);
     }
 
     /// Takes what has been staged since the last call.

@@ -61,7 +61,15 @@ impl State {
                         resumed.push(held);
                     }
                 }
-                None => rejected.push(held),
+                None => {
+                    tracing::warn!(
+                        worker = %hello.worker_id,
+                        job = %held.job_id,
+                        lease = %held.lease_id,
+                        "held lease rejected: the job is no longer leased to this worker"
+                    );
+                    rejected.push(held)
+                }
             }
         }
         let worker_id = entry.worker_id.clone();
@@ -281,6 +289,12 @@ impl State {
             (w.leases.get(&job) == Some(&lease)).then_some(job)
         });
         let Some(job_id) = held else {
+            tracing::warn!(
+                worker = %worker_id,
+                job = %done.job_id,
+                lease = %done.lease_id,
+                "completion rejected: stale lease"
+            );
             ack.reason = format!(
                 "stale lease: lease {:?} of job {:?} is not held by worker {worker_id}",
                 done.lease_id, done.job_id

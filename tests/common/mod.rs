@@ -162,17 +162,37 @@ impl Coordinator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Coordinator {
+        Self::start_with(
+            dir,
+            Placement {
+                listen,
+                data_dir: None,
+            },
+            extra_args,
+            env,
+        )
+    }
+
+    /// [`Coordinator::start_with_env`] listening on `placement.listen` (e.g. `0.0.0.0:0`, for
+    /// workers in other network namespaces), with its data in `placement.data_dir` if given.
+    pub fn start_with(
+        dir: impl AsRef<Path>,
+        placement: Placement,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).expect("create the test directory");
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let data_dir = dir.join("data");
+        let data_dir = placement.data_dir.unwrap_or_else(|| dir.join("data"));
         let log_path = dir.join(format!("coordinator-{}.log", next_file_number()));
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = spawn_coordinator(listen, &data_dir, &log_path, &extra_args, &env)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (child, addr) =
+            spawn_coordinator(placement.listen, &data_dir, &log_path, &extra_args, &env)
+                .unwrap_or_else(|e| panic!("{e}"));
         Coordinator {
             child: Some(child),
             addr,
@@ -188,9 +208,13 @@ impl Coordinator {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (also for a coordinator listening on `0.0.0.0`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.addr.ip().is_unspecified() {
+            format!("http://127.0.0.1:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// The process id of the running coordinator.
@@ -220,6 +244,27 @@ impl Coordinator {
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("coordinator is not running");
         terminate_child(&mut child, TERM_GRACE)
+    }
+
+    /// Waits (polling, up to `bound`) for the coordinator to exit by itself; panics if it does
+    /// not. Returns the exit status; `restart` starts it again.
+    pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("coordinator is not running");
+        let deadline = Instant::now() + bound;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return status;
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
+                Ok(None) => panic!(
+                    "coordinator pid {} did not exit within {bound:?}",
+                    child.id()
+                ),
+                Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+            }
+        }
     }
 
     /// Sends `signal` and waits for the exit (SIGKILL after a bound). Returns the exit status.
@@ -274,6 +319,14 @@ impl Drop for Coordinator {
             );
         }
     }
+}
+
+/// Where a coordinator listens and keeps its data, for [`Coordinator::start_with`].
+pub struct Placement<'a> {
+    /// The `--listen` address.
+    pub listen: &'a str,
+    /// The `--data-dir`; `None`: `dir/data`.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Spawns `rota-coordinator` and waits (bounded) for its `listening on ADDR` line. On failure
@@ -378,13 +431,34 @@ impl Worker {
         dir: impl AsRef<Path>,
         env: &[(&str, &str)],
     ) -> Worker {
+        Self::start_wrapped(&[], url, config, dir, env)
+    }
+
+    /// [`Worker::start_with_env`] run through `wrapper` (e.g. `ip netns exec NS`, which execs
+    /// the worker, so the pid is still the worker's).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        url: &str,
+        config: &str,
+        dir: impl AsRef<Path>,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let dir = dir.as_ref();
         let n = next_file_number();
         let config_path = dir.join(format!("worker-{n}.toml"));
         let log_path = dir.join(format!("worker-{n}.log"));
         std::fs::write(&config_path, config).expect("write worker config");
         let log = open_log(&log_path);
-        let child = Command::new(env!("CARGO_BIN_EXE_rota-worker"))
+        let binary = env!("CARGO_BIN_EXE_rota-worker");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--coordinator")
             .arg(url)
             .arg("--config")
