@@ -327,6 +327,11 @@ pub async fn depth(deep: usize) -> Result<()> {
                 t.elapsed().as_secs_f64(),
                 "s",
             );
+            figure(
+                &format!("coordinator_restart_peak_rss_depth_{depth}"),
+                again.peak_rss()? as f64 / (1 << 20) as f64,
+                "MiB",
+            );
             again.stop()?;
         } else {
             coord.stop()?;
