@@ -913,7 +913,7 @@ mod tests {
             default_shutdown_grace: Duration::from_secs(30),
             retention: Default::default(),
         };
-        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
+        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now()).unwrap();
         let stop = CancellationToken::new();
         let place = StoreSettings {
             min_free_disk,
@@ -974,7 +974,8 @@ mod tests {
             .snapshot()
             .unwrap()
             .jobs
-            .is_empty());
+            .next()
+            .is_none());
         assert!(!engine.recovering_now());
         stop.cancel();
         task.wait().await;
@@ -1019,7 +1020,7 @@ mod tests {
             default_shutdown_grace: Duration::from_secs(30),
             retention: Retention::uniform(Keep::For(Duration::from_secs(60))),
         };
-        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now());
+        let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now()).unwrap();
         assert_eq!(state.sweep_pending(), n);
         let stop = CancellationToken::new();
         let (engine, task) = Engine::start(
@@ -1068,7 +1069,7 @@ mod tests {
         drop(store);
         let store = Store::reopen_for_test(dir.path());
         let snap = store.snapshot().unwrap();
-        assert_eq!(snap.jobs.len(), 1, "the deletions were durable");
+        assert_eq!(snap.jobs.count(), 1, "the deletions were durable");
         assert_eq!(snap.idempotency.len(), 1);
     }
 

@@ -99,28 +99,30 @@ impl Coordinator {
     ) -> Result<Coordinator, RunError> {
         let dir = config.data_dir.clone();
         let cache = config.cache_bytes;
-        let opened = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::Sync {
-                path: dir.clone(),
-                source: e,
-            })?;
-            let store = Store::open(&dir, cache)?;
-            let snapshot = store.snapshot()?;
-            Ok::<_, StoreError>((store, snapshot))
-        })
-        .await?;
-        let (store, snapshot) = opened.map_err(|source| RunError::Open {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
-        let jobs = snapshot.jobs.len();
         let settings = Settings {
             lease_timeout: config.lease_timeout,
             heartbeat_interval: config.heartbeat_interval,
             default_shutdown_grace: config.default_shutdown_grace,
             retention: config.retention,
         };
-        let mut state = State::restore(settings, snapshot, clock.now());
+        let now = clock.now();
+        // The model is built while the records stream out of sled: a restart
+        // never holds every decoded record at once.
+        let opened = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::Sync {
+                path: dir.clone(),
+                source: e,
+            })?;
+            let store = Store::open(&dir, cache)?;
+            let state = State::restore(settings, store.snapshot()?, now)?;
+            Ok::<_, StoreError>((store, state))
+        })
+        .await?;
+        let (store, mut state) = opened.map_err(|source| RunError::Open {
+            dir: config.data_dir.clone(),
+            source,
+        })?;
+        let jobs = state.job_count();
         // Declared schedules: created or updated now, durably, before serving.
         for schedule in &config.schedules {
             let (schedule, spec) =

@@ -136,16 +136,15 @@ pub async fn reopen(
     let path = dir.to_path_buf();
     let opened = tokio::task::spawn_blocking(move || {
         let store = Store::open(&path, cache_bytes)?;
-        let snapshot = store.snapshot()?;
-        Ok::<_, StoreError>((store, snapshot))
+        let state = State::restore(settings, store.snapshot()?, now)?;
+        Ok::<_, StoreError>((store, state))
     })
     .await?;
-    let (store, snapshot) = opened.map_err(|source| RecoveryError::Open {
+    let (store, state) = opened.map_err(|source| RecoveryError::Open {
         dir: dir.to_path_buf(),
         source,
     })?;
-    let jobs = snapshot.jobs.len();
-    let state = State::restore(settings, snapshot, now);
+    let jobs = state.job_count();
     tracing::info!(jobs, dir = %dir.display(), "store reopened; model rebuilt");
     Ok((store, state))
 }

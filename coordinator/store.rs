@@ -211,9 +211,10 @@ impl Writes {
 }
 
 /// Everything stored, read once at start-up.
-pub struct Snapshot {
-    /// Every job record, in creation order.
-    pub jobs: Vec<JobRecord>,
+pub struct Snapshot<'a> {
+    /// Every job record, in creation order, read as it is consumed: a restore
+    /// never holds every decoded record at once.
+    pub jobs: Box<dyn Iterator<Item = Result<JobRecord, StoreError>> + 'a>,
     /// Every idempotency key and the job it names.
     pub idempotency: Vec<(String, JobId)>,
     /// Every schedule.
@@ -360,8 +361,8 @@ impl Store {
     }
 
     /// Reads everything, for rebuilding the in-memory model at start-up.
-    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let jobs = self.scan_jobs(None).collect::<Result<Vec<_>, _>>()?;
+    pub fn snapshot(&self) -> Result<Snapshot<'_>, StoreError> {
+        let jobs = Box::new(self.scan_jobs(None));
         let mut idempotency = Vec::new();
         for kv in self.db.scan_prefix([IDEM_PREFIX]) {
             let (k, v) = kv?;
@@ -457,7 +458,7 @@ mod tests {
         }
         let store = Store::reopen_for_test(dir.path());
         let snap = store.snapshot().unwrap();
-        assert_eq!(snap.jobs, recs);
+        assert_eq!(snap.jobs.collect::<Result<Vec<_>, _>>().unwrap(), recs);
         assert_eq!(snap.idempotency, vec![("key-1".to_string(), recs[2].id())]);
         let after: Vec<_> = store
             .scan_jobs(Some(recs[1].id()))

@@ -32,7 +32,7 @@ use crate::coordinator::ids::{JobId, LeaseId};
 use crate::coordinator::ready::{ReadyIndex, Slot};
 use crate::coordinator::record::{JobRecord, Lease};
 use crate::coordinator::retention::{Retention, SweepIndex};
-use crate::coordinator::store::{Snapshot, Store, Writes};
+use crate::coordinator::store::{Snapshot, Store, StoreError, Writes};
 use crate::coordinator::workers::{SessionHandle, WorkerEntry, Workers};
 use crate::proto::{
     self, complete, coordinator_message, Assign, Attempt, CompleteAck, CoordinatorMessage, Hello,
@@ -246,7 +246,11 @@ pub struct State {
 impl State {
     /// Rebuilds the model from everything stored. RUNNING jobs keep their
     /// leases for one lease timeout from `now`, so their workers can reconnect.
-    pub fn restore(settings: Settings, snapshot: Snapshot, now: SystemTime) -> State {
+    pub fn restore(
+        settings: Settings,
+        snapshot: Snapshot<'_>,
+        now: SystemTime,
+    ) -> Result<State, StoreError> {
         let mut state = State {
             settings,
             jobs: LiveJobs::default(),
@@ -263,6 +267,7 @@ impl State {
             rng: rand::rngs::StdRng::from_entropy(),
         };
         for rec in snapshot.jobs {
+            let rec = rec?;
             let s = rec.state();
             state.stats.moved(&rec.job.queue, JobState::Unspecified, s);
             if is_terminal(s) {
@@ -310,7 +315,16 @@ impl State {
             state.arm_schedule(&entry);
             state.schedules.insert(entry.schedule.name.clone(), entry);
         }
-        state
+        Ok(state)
+    }
+
+    /// How many jobs the model counts (every state, every queue).
+    pub fn job_count(&self) -> u64 {
+        self.stats
+            .by_queue
+            .values()
+            .map(|counts| counts.iter().sum::<u64>())
+            .sum()
     }
 
     /// Seeds the jitter source, for reproducible tests.

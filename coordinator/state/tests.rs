@@ -36,7 +36,7 @@ impl Fixture {
 
     fn open(dir: tempfile::TempDir, store: Store) -> Fixture {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let mut state = State::restore(settings(), store.snapshot().unwrap(), now);
+        let mut state = State::restore(settings(), store.snapshot().unwrap(), now).unwrap();
         state.seed_jitter(7);
         Fixture {
             state,
