@@ -557,15 +557,22 @@ impl State {
         }
     }
 
+    /// The job, taken out of the model to change it, if `lease` is still its lease.
+    fn take_if_leased(&mut self, job: JobId, lease: LeaseId) -> Option<Live> {
+        let live = self.jobs.remove(&job)?;
+        if live.rec.lease.as_ref().map(|l| l.id) == Some(lease) {
+            Some(live)
+        } else {
+            self.jobs.insert(job, live);
+            None
+        }
+    }
+
     /// A lease ended without a completion: the attempt counts as failed.
     fn lose_lease(&mut self, job: JobId, lease: LeaseId, now: SystemTime, why: &str) {
-        let Some(mut live) = self.jobs.remove(&job) else {
+        let Some(mut live) = self.take_if_leased(job, lease) else {
             return;
         };
-        if live.rec.lease.as_ref().map(|l| l.id) != Some(lease) {
-            self.jobs.insert(job, live);
-            return;
-        }
         tracing::warn!(job = %job, lease = %lease, "{why}");
         let old = live.rec.state();
         end_attempt(&mut live, now, "lease_expired", why);
@@ -585,13 +592,9 @@ impl State {
     /// without a coordinator restart still cost attempts, so a job that kills its worker
     /// cannot loop forever.)
     fn requeue_undelivered(&mut self, job: JobId, lease: LeaseId, now: SystemTime, why: &str) {
-        let Some(mut live) = self.jobs.remove(&job) else {
+        let Some(mut live) = self.take_if_leased(job, lease) else {
             return;
         };
-        if live.rec.lease.as_ref().map(|l| l.id) != Some(lease) {
-            self.jobs.insert(job, live);
-            return;
-        }
         tracing::warn!(job = %job, lease = %lease, "{why}");
         let old = live.rec.state();
         end_attempt(&mut live, now, "interrupted", why);
