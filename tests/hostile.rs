@@ -251,3 +251,55 @@ async fn hostile_bytes_to_every_rpc_leave_the_coordinator_serving() {
         log_tail(coord.log_path())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_hostile_bytes_are_refused_unread_or_answered_and_it_still_serves() {
+    const ADMIN: &str = "hostile-admin-token";
+    let dir = TempDir::new().unwrap();
+    let tokens = format!("admin:{}", rota::coordinator::auth::hash_hex(ADMIN));
+    let coord = Coordinator::start_with_env(dir.path(), &[], &[("ROTA_TOKENS", &tokens)]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x746f6b6e);
+    let methods = methods();
+    for method in &methods {
+        let open = method.path.starts_with("/grpc.");
+        // Without a token: every Rota method is refused before its body is read;
+        // health and reflection stay open and are checked as above.
+        let mut anonymous = RawConn::connect(coord.addr()).await;
+        // With the admin token: the bodies reach the handlers.
+        let mut admin = RawConn::connect(coord.addr()).await;
+        admin.token = Some(ADMIN.to_string());
+        for body in bodies(&mut rng) {
+            let r = anonymous
+                .call(&method.path, body.bytes.clone(), BOUND)
+                .await;
+            if open {
+                check(method, &body, &r);
+            } else {
+                assert_eq!(
+                    r.code,
+                    Some(Code::Unauthenticated),
+                    "{} with {} and no token: {r:?}",
+                    method.path,
+                    body.what
+                );
+            }
+            let r = admin.call(&method.path, body.bytes.clone(), BOUND).await;
+            check(method, &body, &r);
+        }
+    }
+    assert!(alive(coord.pid() as i32), "the coordinator died");
+    // Still serving, to a client with the token.
+    let client = job_client(&coord.url()).await;
+    let mut req = tonic::Request::new(rota::proto::SubmitJobRequest {
+        job: Some(job("echo", b"x")),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    client
+        .clone()
+        .submit_job(req)
+        .await
+        .expect("submit with the token");
+    let log = std::fs::read_to_string(coord.log_path()).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{}", log_tail(coord.log_path()));
+}

@@ -22,6 +22,8 @@ pub struct RawConn {
     max_streams: watch::Receiver<usize>,
     /// Drives the connection.
     task: JoinHandle<()>,
+    /// Sent as `authorization: Bearer ...` on every call, when set.
+    pub token: Option<String>,
 }
 
 /// What came back on one stream.
@@ -83,6 +85,7 @@ impl RawConn {
             send,
             max_streams,
             task,
+            token: None,
         }
     }
 
@@ -109,13 +112,15 @@ impl RawConn {
         body: Vec<u8>,
         end: bool,
     ) -> (ResponseFuture, SendStream<Bytes>) {
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method("POST")
             .uri(format!("http://rota{path}"))
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .expect("a valid request head");
+            .header("te", "trailers");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(()).expect("a valid request head");
         let mut send = self.send.clone().ready().await.expect("connection ready");
         let (response, mut stream) = send
             .send_request(request, false)
