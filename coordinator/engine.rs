@@ -478,6 +478,10 @@ fn decide(state: &mut State, cmd: Command, now: SystemTime, store: &Store, guard
             reply_after(state, r, v);
         }
         Command::Retry(id, r) => {
+            // A job that is missing or not finished is told so even on a full disk.
+            if let Err(e) = state.retryable(id, store) {
+                return drop(r.send(Err(e)));
+            }
             let v = match guard.admit(disk::RECORD_OVERHEAD, state.live_bytes()) {
                 Ok(()) => state.retry(id, now, store),
                 Err(full) => return drop(r.send(Err(full.into()))),
@@ -959,8 +963,9 @@ mod tests {
         let status = tonic::Status::from(refused);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().starts_with("disk full: "), "{status:?}");
+        // A job that cannot be retried anyway is told why, full disk or not.
         let retry = engine.retry(JobId::generate()).await.unwrap_err();
-        assert!(matches!(retry, Error::DiskFull(_)), "{retry:?}");
+        assert!(matches!(retry, Error::NotFound(_)), "{retry:?}");
         let trigger = engine.trigger_schedule("s".into()).await.unwrap_err();
         assert!(matches!(trigger, Error::DiskFull(_)), "{trigger:?}");
         // What is not new work is decided as usual.

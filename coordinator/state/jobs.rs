@@ -117,8 +117,9 @@ impl State {
         Ok(job)
     }
 
-    /// Runs a FAILED, CANCELLED or EXPIRED job again, with fresh attempts.
-    pub fn retry(&mut self, id: JobId, now: SystemTime, store: &Store) -> Result<Job, Error> {
+    /// Why `id` cannot be retried (NOT_FOUND, or FAILED_PRECONDITION naming its
+    /// state), or its stored record. Changes nothing.
+    pub fn retryable(&self, id: JobId, store: &Store) -> Result<JobRecord, Error> {
         if let Some(live) = self.jobs.get(&id) {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} is {}; only FAILED, CANCELLED or EXPIRED jobs can be retried",
@@ -138,6 +139,13 @@ impl State {
                 state_name(old)
             )));
         }
+        Ok(rec)
+    }
+
+    /// Runs a FAILED, CANCELLED or EXPIRED job again, with fresh attempts.
+    pub fn retry(&mut self, id: JobId, now: SystemTime, store: &Store) -> Result<Job, Error> {
+        let rec = self.retryable(id, store)?;
+        let old = rec.state();
         self.forget_finished(&rec);
         let mut live = Live { rec, ready: None };
         let job = &mut live.rec.job;
