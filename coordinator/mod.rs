@@ -106,18 +106,8 @@ impl Coordinator {
             retention: config.retention,
         };
         let now = clock.now();
-        // The model is built while the records stream out of sled: a restart
-        // never holds every decoded record at once.
-        let opened = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::Sync {
-                path: dir.clone(),
-                source: e,
-            })?;
-            let store = Store::open(&dir, cache)?;
-            let state = State::restore(settings, store.snapshot()?, now)?;
-            Ok::<_, StoreError>((store, state))
-        })
-        .await?;
+        let opened =
+            tokio::task::spawn_blocking(move || State::load(&dir, cache, settings, now)).await?;
         let (store, mut state) = opened.map_err(|source| RunError::Open {
             dir: config.data_dir.clone(),
             source,

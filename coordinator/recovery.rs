@@ -134,12 +134,8 @@ pub async fn reopen(
         });
     }
     let path = dir.to_path_buf();
-    let opened = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&path, cache_bytes)?;
-        let state = State::restore(settings, store.snapshot()?, now)?;
-        Ok::<_, StoreError>((store, state))
-    })
-    .await?;
+    let opened =
+        tokio::task::spawn_blocking(move || State::load(&path, cache_bytes, settings, now)).await?;
     let (store, state) = opened.map_err(|source| RecoveryError::Open {
         dir: dir.to_path_buf(),
         source,

@@ -318,6 +318,24 @@ impl State {
         Ok(state)
     }
 
+    /// Opens (creating if need be) the store in `dir` and rebuilds the model
+    /// from it while its records stream out: what a start and an in-process
+    /// reopen both do. Blocking.
+    pub fn load(
+        dir: &std::path::Path,
+        cache_bytes: u64,
+        settings: Settings,
+        now: SystemTime,
+    ) -> Result<(Store, State), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Sync {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let store = Store::open(dir, cache_bytes)?;
+        let state = State::restore(settings, store.snapshot()?, now)?;
+        Ok((store, state))
+    }
+
     /// How many jobs the model counts (every state, every queue).
     pub fn job_count(&self) -> u64 {
         self.stats
