@@ -109,6 +109,15 @@ fn fill(path: &Path, disk: &Tmpfs, leave: u64) -> u64 {
 }
 
 /// A job of kind `disk` with a payload of `size` bytes and an idempotency key.
+/// A coordinator with its data directory on `disk` and `--min-free-disk min_free`.
+fn start_on(disk: &Tmpfs, dir: &Path, min_free: &str) -> Coordinator {
+    let placement = Placement {
+        data_dir: Some(disk.path.join("data")),
+        ..Placement::default()
+    };
+    Coordinator::start_with(dir, placement, &["--min-free-disk", min_free], &[])
+}
+
 fn keyed_job(key: &str, size: usize) -> Job {
     Job {
         kind: "disk".into(),
@@ -187,15 +196,7 @@ async fn new_work_is_refused_while_the_disk_is_nearly_full_and_accepted_once_spa
     let dir = TempDir::new().unwrap();
     // Declared before the coordinator, so it is unmounted after the coordinator is killed.
     let disk = Tmpfs::mount(&dir.path().join("disk"), "64M");
-    let coord = Coordinator::start_with(
-        dir.path(),
-        Placement {
-            listen: "127.0.0.1:0",
-            data_dir: Some(disk.path.join("data")),
-        },
-        &["--min-free-disk", "16MiB"],
-        &[],
-    );
+    let coord = start_on(&disk, dir.path(), "16MiB");
     let url = coord.url();
     let client = job_client(&url).await;
     let runs = dir.path().join("runs.log");
@@ -283,15 +284,7 @@ async fn a_write_that_finds_the_disk_full_is_not_acknowledged_and_the_store_is_r
 ) {
     let dir = TempDir::new().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "32M");
-    let mut coord = Coordinator::start_with(
-        dir.path(),
-        Placement {
-            listen: "127.0.0.1:0",
-            data_dir: Some(disk.path.join("data")),
-        },
-        &["--min-free-disk", "4MiB"],
-        &[],
-    );
+    let mut coord = start_on(&disk, dir.path(), "4MiB");
     let url = coord.url();
     let client = job_client(&url).await;
     let runs = dir.path().join("runs.log");
@@ -391,15 +384,7 @@ async fn a_write_that_finds_the_disk_full_is_not_acknowledged_and_the_store_is_r
 async fn jobs_that_fill_the_disk_are_refused_in_time_and_every_accepted_one_completes() {
     let dir = TempDir::new().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "48M");
-    let coord = Coordinator::start_with(
-        dir.path(),
-        Placement {
-            listen: "127.0.0.1:0",
-            data_dir: Some(disk.path.join("data")),
-        },
-        &["--min-free-disk", "16MiB"],
-        &[],
-    );
+    let coord = start_on(&disk, dir.path(), "16MiB");
     let url = coord.url();
     let client = job_client(&url).await;
     let runs = dir.path().join("runs.log");
@@ -466,15 +451,7 @@ async fn a_store_sled_cannot_close_after_a_full_disk_stops_the_coordinator_and_a
 ) {
     let dir = TempDir::new().unwrap();
     let disk = Tmpfs::mount(&dir.path().join("disk"), "32M");
-    let mut coord = Coordinator::start_with(
-        dir.path(),
-        Placement {
-            listen: "127.0.0.1:0",
-            data_dir: Some(disk.path.join("data")),
-        },
-        &["--min-free-disk", "4MiB"],
-        &[],
-    );
+    let mut coord = start_on(&disk, dir.path(), "4MiB");
     let url = coord.url();
     let client = job_client(&url).await;
     let runs = dir.path().join("runs.log");

@@ -22,28 +22,6 @@ use tempfile::TempDir;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// Asserts `result` failed with `code` and a message containing each of `needles`.
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    case: &str,
-    result: Result<T, tonic::Status>,
-    code: Code,
-    needles: &[&str],
-) {
-    let status = match result {
-        Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
-        Err(s) => s,
-    };
-    assert_eq!(status.code(), code, "{case}: {status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "{case}: message {:?} should mention {needle:?}",
-            status.message()
-        );
-    }
-}
-
 async fn schedule_client(url: &str) -> ScheduleServiceClient<Channel> {
     ScheduleServiceClient::new(channel(url).await)
         .max_decoding_message_size(64 << 20)

@@ -298,7 +298,11 @@ async fn without_tokens_it_refuses_a_network_address_unless_insecure() {
         ("insecure", vec!["--insecure"], vec![]),
         ("tokens", vec![], vec![("ROTA_TOKENS", tokens.as_str())]),
     ] {
-        let coord = Coordinator::start_listening(dir.path().join(run), "0.0.0.0:0", &args, &env);
+        let placement = Placement {
+            listen: "0.0.0.0:0",
+            data_dir: None,
+        };
+        let coord = Coordinator::start_with(dir.path().join(run), placement, &args, &env);
         let health = grpcurl_json(&[
             &format!("127.0.0.1:{}", coord.addr().port()),
             "grpc.health.v1.Health/Check",

@@ -34,28 +34,6 @@ async fn submit(client: &JobClient, job: Job) -> Result<Job, tonic::Status> {
         .map(|r| r.into_inner().job.expect("response has a job"))
 }
 
-/// Asserts `result` failed with `code` and a message containing each of `needles`.
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    case: &str,
-    result: Result<T, tonic::Status>,
-    code: Code,
-    needles: &[&str],
-) {
-    let status = match result {
-        Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
-        Err(s) => s,
-    };
-    assert_eq!(status.code(), code, "{case}: {status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "{case}: message {:?} should mention {needle:?}",
-            status.message()
-        );
-    }
-}
-
 async fn start() -> (TempDir, Coordinator, JobClient) {
     let dir = TempDir::new().unwrap();
     let coord = Coordinator::start(dir.path(), &["--max-payload", "1MiB"]);

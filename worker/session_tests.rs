@@ -242,6 +242,15 @@ struct Harness {
 }
 
 impl Harness {
+    /// The next session, its Hello read and answered with a Welcome that
+    /// resumes and rejects nothing.
+    async fn welcomed_session(&mut self) -> FakeSession {
+        let mut s = self.next_session().await;
+        s.recv_hello().await;
+        s.welcome(vec![], vec![]).await;
+        s
+    }
+
     async fn next_session(&mut self) -> FakeSession {
         tokio::time::timeout(WAIT, self.sessions.recv())
             .await
@@ -477,9 +486,7 @@ async fn hello_assign_complete_ack_and_drain() {
 #[tokio::test]
 async fn results_and_running_tasks_survive_a_reconnect() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
 
     // j1 finishes but is never acked; j2 is still running when the link drops.
     s.assign("j1", "echo", b"one").await;
@@ -519,9 +526,7 @@ async fn results_and_running_tasks_survive_a_reconnect() {
 #[tokio::test]
 async fn rejected_leases_are_aborted_and_not_reported() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     s.assign("j1", "slow", b"").await;
     h.started(1).await;
     s.assign("j2", "echo", b"").await;
@@ -549,9 +554,7 @@ async fn rejected_leases_are_aborted_and_not_reported() {
 #[tokio::test]
 async fn stop_now_interrupts_running_tasks() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     s.assign("j1", "slow", b"").await;
     s.assign("j2", "slow", b"").await;
     h.started(2).await;
@@ -582,9 +585,7 @@ async fn stop_now_interrupts_running_tasks() {
 #[tokio::test]
 async fn drain_gives_up_on_acks_when_the_coordinator_is_gone() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     s.assign("j1", "echo", b"").await;
     s.recv_complete().await;
     // The coordinator goes away for good before acknowledging.
@@ -733,9 +734,7 @@ async fn hello_carries_max_shutdown_grace() {
 #[tokio::test]
 async fn cancel_notice_then_cancelled_or_real_success() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
 
     // An ignoring task is killed at stop_by and reported Cancelled.
     s.assign_with("j1", "slow", b"", GRACE, None).await;
@@ -776,9 +775,7 @@ async fn cancel_notice_then_cancelled_or_real_success() {
 #[tokio::test]
 async fn shutdown_lets_tasks_end_in_time_with_their_real_outcome() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     s.assign_with("j1", "polite", b"ok", GRACE, None).await;
     s.assign_with("j2", "polite", b"err", GRACE, None).await;
     let listed = SystemTime::now() + Duration::from_secs(60);
@@ -808,9 +805,7 @@ async fn shutdown_lets_tasks_end_in_time_with_their_real_outcome() {
 #[tokio::test]
 async fn shutdown_kills_an_ignoring_task_at_stop_by_as_interrupted() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     s.assign_with("j1", "slow", b"", GRACE, None).await;
     s.assign_with("j2", "polite", b"stop", GRACE, None).await;
     h.started(1).await;
@@ -830,9 +825,7 @@ async fn shutdown_kills_an_ignoring_task_at_stop_by_as_interrupted() {
 #[tokio::test]
 async fn first_signal_gives_notices_itself_and_aborts_ignoring_tasks() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     s.assign_with("j1", "slow", b"", GRACE, None).await;
     s.assign_with("j2", "polite", b"ok", GRACE, None).await;
     h.started(1).await;
@@ -856,9 +849,7 @@ async fn first_signal_gives_notices_itself_and_aborts_ignoring_tasks() {
 #[tokio::test]
 async fn timeout_notice_then_timed_out_failure() {
     let mut h = start().await;
-    let mut s = h.next_session().await;
-    s.recv_hello().await;
-    s.welcome(vec![], vec![]).await;
+    let mut s = h.welcomed_session().await;
     let timeout = Some(Duration::from_millis(200));
     s.assign_with("j1", "slow", b"", GRACE, timeout).await;
     let deadline = s.assign_with("j2", "polite", b"ok", GRACE, timeout).await;

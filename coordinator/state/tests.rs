@@ -36,7 +36,12 @@ impl Fixture {
 
     fn open(dir: tempfile::TempDir, store: Store) -> Fixture {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let mut state = State::restore(settings(), store.snapshot().unwrap(), now).unwrap();
+        Self::open_at(dir, store, now, settings())
+    }
+
+    /// The model rebuilt from `store` at `now` with `settings`, jitter seeded.
+    fn open_at(dir: tempfile::TempDir, store: Store, now: SystemTime, s: Settings) -> Fixture {
+        let mut state = State::restore(s, store.snapshot().unwrap(), now).unwrap();
         state.seed_jitter(7);
         Fixture {
             state,

@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::common::try_list_jobs;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rota::proto::job_service_client::JobServiceClient;
-use rota::proto::{Job, ListJobsRequest, RetryPolicy, SubmitJobRequest, SubmitJobsRequest};
+use rota::proto::{Job, RetryPolicy, SubmitJobRequest, SubmitJobsRequest};
 use rota::worker::{RunSummary, ShutdownHandle, TaskContext, TaskError, Worker as SdkWorker};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -187,28 +188,6 @@ async fn submit_until_acked(client: &JobServiceClient<Channel>, jobs: Vec<Job>, 
     }
 }
 
-/// Every job, all pages, or the first error.
-pub async fn try_list_all(client: &JobServiceClient<Channel>) -> Result<Vec<Job>, tonic::Status> {
-    let mut jobs = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .clone()
-            .list_jobs(ListJobsRequest {
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        jobs.extend(page.jobs);
-        if page.next_page_token.is_empty() {
-            return Ok(jobs);
-        }
-        token = page.next_page_token;
-    }
-}
-
 /// Lists every job every [`SNAPSHOT_EVERY`] until `stop`, and hands each complete listing to
 /// the monitor (listings cut short by a kill are dropped).
 pub fn spawn_snapshots(
@@ -225,7 +204,7 @@ pub fn spawn_snapshots(
                 _ = tokio::time::sleep(SNAPSHOT_EVERY) => {}
             }
             let asked = SystemTime::now();
-            if let Ok(jobs) = try_list_all(&client).await {
+            if let Ok(jobs) = try_list_jobs(&client, Default::default()).await {
                 n += 1;
                 let label = format!(
                     "{n} (asked at {}, answered at {})",

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{wait_until, wait_worker_connected, Coordinator, Worker};
+use common::{try_list_jobs, wait_until, wait_worker_connected, Coordinator, Worker};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rota::proto::admin_service_client::AdminServiceClient;
@@ -78,7 +78,7 @@ async fn settled_jobs(url: &str, monitor: &Mutex<Monitor>) -> Vec<Job> {
     let deadline = Instant::now() + SETTLE_BOUND;
     let mut last = BTreeMap::new();
     loop {
-        if let Ok(jobs) = load::try_list_all(&client).await {
+        if let Ok(jobs) = try_list_jobs(&client, Default::default()).await {
             monitor.lock().unwrap().observe(&jobs, "settling");
             if jobs.iter().all(|j| common::is_terminal(j.state())) {
                 return jobs;

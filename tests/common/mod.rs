@@ -152,25 +152,7 @@ impl Coordinator {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Coordinator {
-        Self::start_listening(dir, "127.0.0.1:0", extra_args, env)
-    }
-
-    /// [`Coordinator::start_with_env`] on another address than `127.0.0.1:0`.
-    pub fn start_listening(
-        dir: impl AsRef<Path>,
-        listen: &str,
-        extra_args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Coordinator {
-        Self::start_with(
-            dir,
-            Placement {
-                listen,
-                data_dir: None,
-            },
-            extra_args,
-            env,
-        )
+        Self::start_with(dir, Placement::default(), extra_args, env)
     }
 
     /// [`Coordinator::start_with_env`] listening on `placement.listen` (e.g. `0.0.0.0:0`, for
@@ -327,6 +309,38 @@ pub struct Placement<'a> {
     pub listen: &'a str,
     /// The `--data-dir`; `None`: `dir/data`.
     pub data_dir: Option<PathBuf>,
+}
+
+impl Default for Placement<'_> {
+    /// `127.0.0.1:0`, data in `dir/data`.
+    fn default() -> Self {
+        Placement {
+            listen: "127.0.0.1:0",
+            data_dir: None,
+        }
+    }
+}
+
+/// Asserts `result` failed with `code` and a message containing each of `needles`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    case: &str,
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needles: &[&str],
+) {
+    let status = match result {
+        Ok(v) => panic!("{case}: expected {code:?}, got Ok({v:?})"),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), code, "{case}: {status:?}");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "{case}: message {:?} should mention {needle:?}",
+            status.message()
+        );
+    }
 }
 
 /// Spawns `rota-coordinator` and waits (bounded) for its `listening on ADDR` line. On failure
@@ -728,6 +742,16 @@ pub async fn list_all_jobs(client: &JobServiceClient<Channel>) -> Vec<Job> {
 
 /// Every job matching `filter`, following page tokens.
 pub async fn list_jobs(client: &JobServiceClient<Channel>, filter: ListJobsRequest) -> Vec<Job> {
+    try_list_jobs(client, filter)
+        .await
+        .unwrap_or_else(|e| panic!("ListJobs: {e}"))
+}
+
+/// [`list_jobs`], or the first error.
+pub async fn try_list_jobs(
+    client: &JobServiceClient<Channel>,
+    filter: ListJobsRequest,
+) -> Result<Vec<Job>, tonic::Status> {
     let mut jobs = Vec::new();
     let mut token = String::new();
     loop {
@@ -738,12 +762,11 @@ pub async fn list_jobs(client: &JobServiceClient<Channel>, filter: ListJobsReque
                 page_token: token.clone(),
                 ..filter.clone()
             })
-            .await
-            .unwrap_or_else(|e| panic!("ListJobs: {e}"))
+            .await?
             .into_inner();
         jobs.extend(page.jobs);
         if page.next_page_token.is_empty() {
-            return jobs;
+            return Ok(jobs);
         }
         assert_ne!(
             page.next_page_token, token,

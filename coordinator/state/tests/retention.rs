@@ -32,14 +32,7 @@ impl Fixture {
     fn reopen(dir: tempfile::TempDir, store: Store, now: SystemTime, r: Retention) -> Fixture {
         let mut s = settings();
         s.retention = r;
-        let mut state = State::restore(s, store.snapshot().unwrap(), now).unwrap();
-        state.seed_jitter(7);
-        Fixture {
-            state,
-            store,
-            now,
-            _dir: dir,
-        }
+        Fixture::open_at(dir, store, now, s)
     }
 
     /// A restart (at the same instant) with retention `r`.
