@@ -4,12 +4,16 @@
 //! Requests become [`Command`]s on a channel. The engine task takes every
 //! command waiting, lets the [`State`] decide them, fires due timers, deletes
 //! at most one chunk of finished jobs whose retention has passed (and only
-//! once the previous chunk is durable), dispatches ready jobs, applies the resulting record writes to sled as one atomic batch,
-//! and hands the round to the sync thread. The sync thread gathers every round
-//! that arrived while it was busy, makes them durable with one flush and one
-//! fsync, and only then runs their effects (replies, `Assign` messages, watch
-//! updates). So a `SubmitJobs` of 1,000 jobs costs one sync, concurrent callers
-//! share one, and nobody is told of a change before it is on disk.
+//! once the previous chunk is durable), dispatches ready jobs, stages the
+//! resulting record writes in the store as one atomic batch, and hands the
+//! round to the sync thread. The sync thread gathers every round that arrived
+//! while it was busy, makes them durable with one commit of the store's
+//! write-ahead log (one write, one `fdatasync`), and only then runs their
+//! effects (replies, `Assign` messages, watch updates). So a `SubmitJobs` of
+//! 1,000 jobs costs one sync, concurrent callers share one, and nobody is told
+//! of a change before it is on disk. At the start of each round the engine
+//! writes the batches committed since the last one to sled
+//! ([`Store::settle`]), off the commit path.
 //!
 //! New work (submits, retries, new schedules, triggers) is first admitted by
 //! the [`DiskGuard`]: unless the disk keeps room to finish the accepted work
@@ -629,6 +633,13 @@ async fn serve(
             }
             _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
         }
+        // Committed batches go on to sled here, off the commit path.
+        if let Err(e) = store.settle() {
+            let why = failure_reason(&e);
+            tracing::error!(error = %e, "store write failed; reopening the store");
+            shared.fail_epoch(&epoch, &why);
+            break;
+        }
         let now = shared.clock.now();
         guard.refresh(Instant::now());
         let round = {
@@ -825,7 +836,7 @@ fn fail_round(round: Round, why: &str) {
     }
 }
 
-/// The sync thread: one flush and fsync for every round that queued up while
+/// The sync thread: one commit of the write-ahead log for every round that queued up while
 /// the last one ran, then their effects, in order.
 fn sync_loop(
     shared: &Shared,
@@ -875,7 +886,8 @@ fn sync_loop(
         }
     }
     if !epoch.is_cancelled() {
-        if let Err(e) = store.sync() {
+        // A clean stop leaves nothing in the write-ahead log to replay.
+        if let Err(e) = store.sync().and_then(|()| store.checkpoint()) {
             tracing::error!(error = %e, "final store sync failed");
         }
     }

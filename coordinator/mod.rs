@@ -1,6 +1,8 @@
 //! The coordinator: the durable job queue and the gRPC services over it.
 //!
-//! - [`store`]: sled, records under key prefixes, flush + fsync.
+//! - [`store`]: sled, records under key prefixes, behind [`wal`], the
+//!   write-ahead log whose commit (one write, one `fdatasync`) makes each
+//!   group of writes durable.
 //! - [`state`]: the in-memory dispatch model and every decision.
 //! - [`engine`]: the task that applies decisions and the group-commit thread;
 //!   [`disk`] keeps it from filling the disk, [`recovery`] reopens a failed store.
@@ -27,6 +29,7 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod validate;
+pub mod wal;
 pub mod workers;
 
 use std::future::Future;

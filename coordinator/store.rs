@@ -6,16 +6,42 @@
 //! | `i` + idempotency key | the job id it names (16 bytes) |
 //! | `s` + schedule name | the [`ScheduleEntry`] |
 //!
-//! A change that touches several records is one atomic [`Writes`] batch
-//! (`apply_batch`), never a multi-tree transaction. [`Store::sync`] makes every
-//! applied batch durable: sled's own `flush()` only issues `sync_file_range`, so
-//! it is followed by a real `fsync` of the log file. The engine calls it once
-//! per group of writes (group commit).
+//! | `m` + `seq` | the sequence number of the last batch written to sled |
+//!
+//! A change that touches several records is one atomic [`Writes`] batch,
+//! never a multi-tree transaction. Its atomicity and durability come from the
+//! write-ahead log ([`crate::coordinator::wal`]), not from sled:
+//!
+//! 1. [`Store::apply`] stages a batch: it gets the next sequence number, its
+//!    record joins the log's next commit, and its writes go to an in-memory
+//!    overlay that every read of the store consults first. Nothing touches
+//!    disk.
+//! 2. [`Store::sync`] commits the log: one write and one `fdatasync` for every
+//!    batch staged since the last commit (the engine's group commit).
+//! 3. [`Store::settle`] then writes committed batches to sled as plain
+//!    inserts and removes, with the sequence number last, and drops them from
+//!    the overlay. sled thus never holds a write the log does not.
+//! 4. Once the log holds [`CHECKPOINT_BYTES`], a [`Store::checkpoint`] makes
+//!    sled itself durable (its `flush()`, which only issues
+//!    `sync_file_range`, then a real `fsync`) and the log starts again at its
+//!    beginning. Commits wait while it runs.
+//!
+//! Why not sled's `apply_batch`: for atomicity sled seals and writes its log
+//! buffer twice per batch (before and after a batch manifest), each write a
+//! `pwrite` plus a `sync_file_range` on sled's I/O thread pool, which wakes
+//! every idle I/O thread for each; one batch per engine round made that
+//! thousands of device writes and tens of thousands of thread wake-ups a
+//! second, on top of the fsync a durable commit needs anyway.
+//!
+//! Opening the store replays the log: sled recovers a prefix of the writes it
+//! was given, which holds every batch up to the sequence number it stores and
+//! perhaps part of the next; the log's records after that number, applied in
+//! order, bring it to the last committed batch exactly.
 //!
 //! sled writes a log message too large for a quarter segment to its own file
-//! under `blobs/`, and never fsyncs it. So `sync` also fsyncs every blob file
-//! it has not synced yet, and the directory; it looks for new ones only when
-//! the directory changed, so the common case costs one `stat`.
+//! under `blobs/`, and never fsyncs it. So a checkpoint also fsyncs every blob
+//! file it has not synced yet, and the directory; it looks for new ones only
+//! when the directory changed, so the common case costs one `stat`.
 //!
 //! sled 0.34 copies a leaf on every insert and hands the old copy to
 //! crossbeam-epoch's global collector, which frees at most a few bags of
@@ -25,13 +51,28 @@
 //! 1,000 left 1,060 MiB resident, against 61 MiB when each batch is followed
 //! by a couple of collection steps. [`Store::apply`] takes those steps.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
+use std::iter::Peekable;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use sled::IVec;
 
 use crate::coordinator::ids::JobId;
 use crate::coordinator::record::{JobRecord, RecordError};
 use crate::coordinator::schedule::record::ScheduleEntry;
+use crate::coordinator::wal::{self, Ops, Wal, WalError};
 
+/// A checkpoint follows the settling that finds the write-ahead log past this
+/// many bytes. It bounds the log's file (this plus one growth step of
+/// [`wal::GROWTH`]) and the replay at start-up.
+pub const CHECKPOINT_BYTES: u64 = 8 << 20;
+
+/// Where sled keeps the sequence number of the last batch written to it.
+const SEQ_KEY: &[u8] = b"mseq";
 const JOB_PREFIX: u8 = b'j';
 const IDEM_PREFIX: u8 = b'i';
 const SCHEDULE_PREFIX: u8 = b's';
@@ -56,6 +97,25 @@ pub enum StoreError {
     /// An idempotency record does not hold a job id.
     #[error("corrupt idempotency record for key {0:?}")]
     CorruptIdempotency(String),
+    /// The write-ahead log failed.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// The stored sequence number is not 8 bytes.
+    #[error("corrupt sequence number record ({0} bytes)")]
+    CorruptSequence(usize),
+    /// The write-ahead log's first record to replay does not follow the last
+    /// batch sled holds: batches in between are in neither.
+    #[error(
+        "the write-ahead log resumes at batch {found} but the store holds batches only up to \
+         {stored}: batches in between are missing, so the coordinator will not start on \
+         incomplete data"
+    )]
+    LogGap {
+        /// The last batch sled holds.
+        stored: u64,
+        /// The first batch of the log after it.
+        found: u64,
+    },
 }
 
 impl StoreError {
@@ -64,6 +124,10 @@ impl StoreError {
         let io = match self {
             StoreError::Sled(sled::Error::Io(e)) => e,
             StoreError::Sync { source, .. } => source,
+            StoreError::Wal(e) => match e.io() {
+                Some(e) => e,
+                None => return false,
+            },
             _ => return false,
         };
         // sled wraps the OS error in a custom one of the same kind.
@@ -74,19 +138,51 @@ impl StoreError {
     }
 }
 
-/// The sled database and the file handle used to fsync it.
+/// The sled database, the write-ahead log in front of it, and the batches
+/// between the two.
 pub struct Store {
     /// The database (its default tree holds every record).
     db: sled::Db,
-    /// sled's log file, opened by us so that `sync` can fsync it.
+    /// Every batch, durable at each [`Store::sync`].
+    wal: Wal,
+    /// Batches staged and not yet written to sled.
+    staged: Mutex<Staged>,
+    /// The sequence number of the last batch committed to the log.
+    committed: AtomicU64,
+    /// Held while batches are written to sled, so they go in order.
+    settling: Mutex<()>,
+    /// sled's log file, opened by us so that a checkpoint can fsync it.
     log_file: File,
     /// Its path, for error messages.
     log_path: PathBuf,
     /// How many syncs have completed: group commit keeps this far below the
     /// number of writes.
-    syncs: std::sync::atomic::AtomicU64,
+    syncs: AtomicU64,
+    /// How many checkpoints have completed.
+    checkpoints: AtomicU64,
     /// sled's blob directory and what `sync` knows of it.
-    blobs: std::sync::Mutex<Blobs>,
+    blobs: Mutex<Blobs>,
+}
+
+/// One write: a value, or `None` for a removal.
+type Write = (IVec, Option<IVec>);
+
+/// Batches staged by [`Store::apply`] until [`Store::settle`] writes them to sled.
+#[derive(Default)]
+struct Staged {
+    /// The sequence number of the last batch staged.
+    seq: u64,
+    /// Log records of the batches not yet committed.
+    records: Vec<u8>,
+    /// Batches not yet written to sled, in order.
+    unsettled: VecDeque<(u64, Vec<Write>)>,
+    /// The newest staged write of each key not yet written to sled, and the
+    /// batch it came in. Reads look here before sled.
+    overlay: BTreeMap<IVec, (u64, Option<IVec>)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The blob files already made durable.
@@ -138,10 +234,10 @@ impl Blobs {
 /// An atomic group of record writes.
 #[derive(Default)]
 pub struct Writes {
-    /// The sled batch being built.
-    batch: sled::Batch,
-    /// How many records it writes.
-    len: usize,
+    /// The writes, in order.
+    writes: Vec<Write>,
+    /// The same, encoded for the write-ahead log.
+    ops: Ops,
     /// The bytes of the keys and values it writes.
     bytes: u64,
 }
@@ -155,53 +251,56 @@ impl Writes {
     /// Writes a job record already encoded with [`JobRecord::encode`].
     pub fn put_encoded_job(&mut self, id: JobId, encoded: Vec<u8>) {
         self.bytes += (17 + encoded.len()) as u64;
-        self.batch.insert(&job_key(&id)[..], encoded);
-        self.len += 1;
+        self.insert(&job_key(&id), encoded);
     }
 
     /// Records that `key` names `id`.
     pub fn put_idempotency(&mut self, key: &str, id: JobId) {
         self.bytes += (1 + key.len() + 16) as u64;
-        self.batch.insert(idem_key(key), id.as_bytes().to_vec());
-        self.len += 1;
+        self.insert(&idem_key(key), id.as_bytes().to_vec());
     }
 
     /// Deletes a job record (retention).
     pub fn delete_job(&mut self, id: JobId) {
-        self.batch.remove(&job_key(&id)[..]);
-        self.len += 1;
+        self.remove(&job_key(&id));
     }
 
     /// Deletes the record of an idempotency key (with its job).
     pub fn delete_idempotency(&mut self, key: &str) {
-        self.batch.remove(idem_key(key));
-        self.len += 1;
+        self.remove(&idem_key(key));
     }
 
     /// Writes (or overwrites) a schedule.
     pub fn put_schedule(&mut self, entry: &ScheduleEntry) {
         let value = entry.encode();
         self.bytes += (1 + entry.name().len() + value.len()) as u64;
-        self.batch
-            .insert(prefixed(SCHEDULE_PREFIX, entry.name()), value);
-        self.len += 1;
+        self.insert(&prefixed(SCHEDULE_PREFIX, entry.name()), value);
     }
 
     /// Deletes a schedule.
     pub fn delete_schedule(&mut self, name: &str) {
         self.bytes += (1 + name.len()) as u64;
-        self.batch.remove(prefixed(SCHEDULE_PREFIX, name));
-        self.len += 1;
+        self.remove(&prefixed(SCHEDULE_PREFIX, name));
+    }
+
+    fn insert(&mut self, key: &[u8], value: Vec<u8>) {
+        self.ops.insert(key, &value);
+        self.writes.push((IVec::from(key), Some(IVec::from(value))));
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.ops.remove(key);
+        self.writes.push((IVec::from(key), None));
     }
 
     /// Whether nothing is written.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.writes.is_empty()
     }
 
     /// How many records are written.
     pub fn len(&self) -> usize {
-        self.len
+        self.writes.len()
     }
 
     /// The bytes of the keys and values written (what the disk guard counts).
@@ -254,45 +353,140 @@ fn idem_key(key: &str) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
+    /// Opens (or creates) the store in `dir`, replays its write-ahead log and
+    /// checkpoints. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            // The engine flushes and fsyncs after every group of writes.
+            // Commits go through the write-ahead log; sled is flushed at checkpoints.
             .flush_every_ms(None)
             .open()?;
+        let (wal, records) = Wal::open(dir)?;
+        let stored = match db.get(SEQ_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::CorruptSequence(v.len()))?,
+            ),
+            None => 0,
+        };
+        let mut seq = stored;
+        for record in records {
+            if record.seq <= seq {
+                continue;
+            }
+            if record.seq != seq + 1 {
+                return Err(StoreError::LogGap {
+                    stored: seq,
+                    found: record.seq,
+                });
+            }
+            let ops = Ops::decode(&record.ops).ok_or_else(|| WalError::Malformed {
+                path: dir.join(wal::FILE_NAME),
+                seq: record.seq,
+            })?;
+            for op in &ops {
+                match *op {
+                    wal::Op::Insert(k, v) => db.insert(k, v)?,
+                    wal::Op::Remove(k) => db.remove(k)?,
+                };
+            }
+            db.insert(SEQ_KEY, &record.seq.to_be_bytes()[..])?;
+            reclaim(ops.len());
+            seq = record.seq;
+        }
+        if seq > stored {
+            tracing::info!(batches = seq - stored, "replayed the write-ahead log");
+        }
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Sync {
             path: log_path.clone(),
             source,
         })?;
-        Ok(Store {
+        let store = Store {
             db,
+            wal,
+            staged: Mutex::new(Staged {
+                seq,
+                ..Staged::default()
+            }),
+            committed: AtomicU64::new(seq),
+            settling: Mutex::new(()),
             log_file,
             log_path,
-            syncs: Default::default(),
-            blobs: std::sync::Mutex::new(Blobs {
+            syncs: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            blobs: Mutex::new(Blobs {
                 dir: dir.join("blobs"),
                 seen_mtime: None,
                 synced: Default::default(),
             }),
-        })
+        };
+        // What sled read back (some of it perhaps only from the page cache)
+        // and what was replayed is made durable before the log is overwritten.
+        store.checkpoint()?;
+        Ok(store)
     }
 
-    /// Applies a group of writes atomically (not yet durable: see [`Store::sync`]).
+    /// Stages a group of writes as one atomic batch: every read of the store
+    /// sees it at once; [`Store::sync`] makes it durable.
     pub fn apply(&self, writes: Writes) -> Result<(), StoreError> {
-        if writes.len > 0 {
-            let ops = writes.len;
-            self.db.apply_batch(writes.batch)?;
-            reclaim(ops);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut staged = lock(&self.staged);
+        let staged = &mut *staged;
+        staged.seq += 1;
+        let seq = staged.seq;
+        wal::encode(&mut staged.records, seq, &writes.ops);
+        for (key, value) in &writes.writes {
+            staged.overlay.insert(key.clone(), (seq, value.clone()));
+        }
+        staged.unsettled.push_back((seq, writes.writes));
+        Ok(())
+    }
+
+    /// Makes every staged batch durable: one commit of the write-ahead log.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let mut log = self.wal.lock();
+        let (records, last) = {
+            let mut staged = lock(&self.staged);
+            (std::mem::take(&mut staged.records), staged.seq)
+        };
+        log.commit(&records)?;
+        self.committed.fetch_max(last, Ordering::SeqCst);
+        drop(log);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the committed batches to sled and drops them from the overlay;
+    /// checkpoints if the log has grown past [`CHECKPOINT_BYTES`]. The engine
+    /// calls it every round, off the commit path.
+    pub fn settle(&self) -> Result<(), StoreError> {
+        let _settling = lock(&self.settling);
+        self.settle_committed()?;
+        if self.wal.lock().len() >= CHECKPOINT_BYTES {
+            self.checkpoint_settling()?;
         }
         Ok(())
     }
 
-    /// Makes every applied write durable: sled's flush, then a real fsync.
-    pub fn sync(&self) -> Result<(), StoreError> {
+    /// Makes sled itself durable with every committed batch in it (its flush,
+    /// then a real fsync of its log file and of any new blob file), so the
+    /// write-ahead log starts again from its beginning.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let _settling = lock(&self.settling);
+        self.checkpoint_settling()
+    }
+
+    /// [`Store::checkpoint`], with `settling` held.
+    fn checkpoint_settling(&self) -> Result<(), StoreError> {
+        // No commit until the log restarts: everything in it must be in sled.
+        let mut log = self.wal.lock();
+        self.settle_committed()?;
         self.db.flush()?;
         self.log_file
             .sync_data()
@@ -300,15 +494,61 @@ impl Store {
                 path: self.log_path.clone(),
                 source,
             })?;
-        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut blobs = lock(&self.blobs);
         blobs.sync().map_err(|source| StoreError::Sync {
             path: blobs.dir.clone(),
             source,
         })?;
         drop(blobs);
-        self.syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        log.restart();
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Writes every committed, unsettled batch to sled, in order, then the
+    /// last one's sequence number. `settling` must be held.
+    fn settle_committed(&self) -> Result<(), StoreError> {
+        let committed = self.committed.load(Ordering::SeqCst);
+        let batches: Vec<(u64, Vec<Write>)> = {
+            let mut staged = lock(&self.staged);
+            let ready = staged
+                .unsettled
+                .iter()
+                .take_while(|(seq, _)| *seq <= committed)
+                .count();
+            staged.unsettled.drain(..ready).collect()
+        };
+        let Some(&(last, _)) = batches.last() else {
+            return Ok(());
+        };
+        let mut n = 0;
+        for (_, writes) in &batches {
+            for (key, value) in writes {
+                match value {
+                    Some(v) => self.db.insert(key, v.clone())?,
+                    None => self.db.remove(key)?,
+                };
+            }
+            n += writes.len();
+        }
+        self.db.insert(SEQ_KEY, &last.to_be_bytes()[..])?;
+        let mut staged = lock(&self.staged);
+        for (seq, writes) in &batches {
+            for (key, _) in writes {
+                if staged.overlay.get(key).is_some_and(|(s, _)| s == seq) {
+                    staged.overlay.remove(key);
+                }
+            }
+        }
+        drop(staged);
+        reclaim(n);
+        Ok(())
+    }
+
+    /// The staged value of `key`: `None` if it has no staged write,
+    /// `Some(None)` if its staged write is a removal.
+    fn staged(&self, key: &[u8]) -> Option<Option<IVec>> {
+        lock(&self.staged).overlay.get(key).map(|(_, v)| v.clone())
     }
 
     /// Opens a store just closed in this process: sled's background threads
@@ -330,12 +570,23 @@ impl Store {
 
     /// How many syncs have completed since the store was opened.
     pub fn sync_count(&self) -> u64 {
-        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// How many checkpoints have completed since the store was opened (the
+    /// one at opening included).
+    pub fn checkpoint_count(&self) -> u64 {
+        self.checkpoints.load(Ordering::Relaxed)
     }
 
     /// One job record.
     pub fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        match self.db.get(job_key(&id))? {
+        let key = job_key(&id);
+        let value = match self.staged(&key) {
+            Some(staged) => staged,
+            None => self.db.get(key)?,
+        };
+        match value {
             Some(v) => Ok(Some(JobRecord::decode(&v)?)),
             None => Ok(None),
         }
@@ -354,17 +605,41 @@ impl Store {
             }
             None => vec![JOB_PREFIX],
         };
-        self.db.range(start..vec![JOB_PREFIX + 1]).map(|kv| {
+        self.range(start, vec![JOB_PREFIX + 1]).map(|kv| {
             let (_, v) = kv?;
             Ok(JobRecord::decode(&v)?)
         })
+    }
+
+    /// The records with keys in `start..end`, in key order: sled's, with the
+    /// staged writes in the range as they are now (a handful: what the last
+    /// commits have not yet written to sled) over them.
+    fn range(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    ) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
+        let staged: Vec<Write> = lock(&self.staged)
+            .overlay
+            .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect();
+        Merged {
+            sled: self.db.range(start..end).peekable(),
+            staged: staged.into_iter().peekable(),
+        }
+    }
+
+    /// The records whose keys start with `prefix` (a single byte below 255).
+    fn prefix(&self, prefix: u8) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
+        self.range(vec![prefix], vec![prefix + 1])
     }
 
     /// Reads everything, for rebuilding the in-memory model at start-up.
     pub fn snapshot(&self) -> Result<Snapshot<'_>, StoreError> {
         let jobs = Box::new(self.scan_jobs(None));
         let mut idempotency = Vec::new();
-        for kv in self.db.scan_prefix([IDEM_PREFIX]) {
+        for kv in self.prefix(IDEM_PREFIX) {
             let (k, v) = kv?;
             let key = String::from_utf8_lossy(&k[1..]).into_owned();
             let bytes: [u8; 16] = v
@@ -374,8 +649,7 @@ impl Store {
             idempotency.push((key, JobId(uuid::Uuid::from_bytes(bytes))));
         }
         let schedules = self
-            .db
-            .scan_prefix([SCHEDULE_PREFIX])
+            .prefix(SCHEDULE_PREFIX)
             .map(|kv| Ok(ScheduleEntry::decode(&kv?.1)?))
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Snapshot {
@@ -383,6 +657,47 @@ impl Store {
             idempotency,
             schedules,
         })
+    }
+}
+
+/// sled's records in a range with the staged writes over them, in key order:
+/// a staged value replaces sled's, a staged removal hides it.
+struct Merged<S: Iterator<Item = sled::Result<(IVec, IVec)>>> {
+    sled: Peekable<S>,
+    staged: Peekable<std::vec::IntoIter<Write>>,
+}
+
+impl<S: Iterator<Item = sled::Result<(IVec, IVec)>>> Iterator for Merged<S> {
+    type Item = Result<(IVec, IVec), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let sled_key = match self.sled.peek() {
+                Some(Ok((k, _))) => Some(k.clone()),
+                Some(Err(_)) => {
+                    let Some(Err(e)) = self.sled.next() else {
+                        unreachable!("peeked an error")
+                    };
+                    return Some(Err(e.into()));
+                }
+                None => None,
+            };
+            let staged_first = match (&sled_key, self.staged.peek()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(s), Some((k, _))) => k <= s,
+            };
+            if !staged_first {
+                return self.sled.next().map(|kv| Ok(kv?));
+            }
+            let (key, value) = self.staged.next().expect("peeked");
+            if sled_key.as_ref() == Some(&key) {
+                self.sled.next();
+            }
+            if let Some(v) = value {
+                return Some(Ok((key, v)));
+            }
+        }
     }
 }
 
@@ -403,7 +718,7 @@ mod tests {
     }
 
     #[test]
-    fn large_records_land_in_blob_files_that_sync_makes_durable() {
+    fn large_records_land_in_blob_files_that_a_checkpoint_makes_durable() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let mut big = rec();
@@ -412,6 +727,7 @@ mod tests {
         w.put_job(&big);
         store.apply(w).unwrap();
         store.sync().unwrap();
+        store.checkpoint().unwrap();
         let blobs = store.blobs.lock().unwrap();
         assert!(
             !blobs.synced.is_empty(),
@@ -467,5 +783,162 @@ mod tests {
         assert_eq!(after, recs[2..].to_vec());
         assert_eq!(store.get_job(recs[4].id()).unwrap(), Some(recs[4].clone()));
         assert_eq!(store.get_job(JobId::generate()).unwrap(), None);
+    }
+
+    fn ids(it: impl Iterator<Item = Result<JobRecord, StoreError>>) -> Vec<JobId> {
+        it.map(|r| r.unwrap().id()).collect()
+    }
+
+    fn put(store: &Store, recs: &[&JobRecord]) {
+        let mut w = Writes::default();
+        for r in recs {
+            w.put_job(r);
+        }
+        store.apply(w).unwrap();
+    }
+
+    #[test]
+    fn staged_writes_are_read_before_they_reach_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let recs: Vec<_> = (0..4).map(|_| rec()).collect();
+        put(&store, &[&recs[0], &recs[2]]);
+        store.sync().unwrap();
+        store.settle().unwrap();
+        assert!(lock(&store.staged).overlay.is_empty(), "settled");
+        // Staged only: a new job between the two in sled, a change, a removal.
+        let mut changed = recs[2].clone();
+        changed.job.kind = "changed".into();
+        let mut w = Writes::default();
+        w.put_job(&recs[1]);
+        w.put_job(&changed);
+        w.put_job(&recs[3]);
+        w.delete_job(recs[0].id());
+        store.apply(w).unwrap();
+        let check = |store: &Store| {
+            assert_eq!(store.get_job(recs[0].id()).unwrap(), None);
+            assert_eq!(store.get_job(recs[1].id()).unwrap(), Some(recs[1].clone()));
+            assert_eq!(store.get_job(recs[2].id()).unwrap(), Some(changed.clone()));
+            assert_eq!(
+                ids(store.scan_jobs(None)),
+                [recs[1].id(), recs[2].id(), recs[3].id()]
+            );
+            assert_eq!(
+                ids(store.scan_jobs(Some(recs[1].id()))),
+                [recs[2].id(), recs[3].id()]
+            );
+        };
+        check(&store);
+        store.sync().unwrap();
+        check(&store);
+        store.settle().unwrap();
+        assert!(lock(&store.staged).overlay.is_empty(), "settled");
+        check(&store);
+    }
+
+    #[test]
+    fn a_crash_keeps_every_committed_batch_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<_> = (0..3).map(|_| rec()).collect();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            put(&store, &[&recs[0]]);
+            store.sync().unwrap();
+            store.settle().unwrap(); // in sled, not checkpointed
+            put(&store, &[&recs[1]]);
+            store.sync().unwrap(); // in the log only
+            put(&store, &[&recs[2]]); // staged only: never acknowledged
+        }
+        let store = Store::reopen_for_test(dir.path());
+        assert_eq!(ids(store.scan_jobs(None)), [recs[0].id(), recs[1].id()]);
+        // The replay was checkpointed: a second reopen reads the same.
+        drop(store);
+        let store = Store::reopen_for_test(dir.path());
+        assert_eq!(ids(store.scan_jobs(None)), [recs[0].id(), recs[1].id()]);
+    }
+
+    #[test]
+    fn the_replay_skips_what_sled_holds_and_refuses_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<_> = (0..4).map(|_| rec()).collect();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            for r in &recs[..2] {
+                put(&store, &[r]);
+                store.sync().unwrap();
+            }
+            store.checkpoint().unwrap(); // sled holds batches 1 and 2
+        }
+        let log = |batches: &[(u64, &JobRecord)]| {
+            let mut bytes = Vec::new();
+            for (seq, r) in batches {
+                let mut w = Writes::default();
+                w.put_job(r);
+                wal::encode(&mut bytes, *seq, &w.ops);
+            }
+            std::fs::write(dir.path().join(wal::FILE_NAME), bytes).unwrap();
+        };
+        // Batch 2 again (already in sled, skipped) then 3: replayed.
+        log(&[(2, &recs[1]), (3, &recs[2])]);
+        let store = Store::reopen_for_test(dir.path());
+        assert_eq!(
+            ids(store.scan_jobs(None)),
+            ids(recs[..3].iter().cloned().map(Ok))
+        );
+        drop(store);
+        // Batch 5 after 3: batch 4 is in neither, so the store will not open.
+        log(&[(5, &recs[3])]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            match Store::open(dir.path(), 1 << 20) {
+                Err(StoreError::Sled(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => break e,
+                Ok(_) => panic!("opened over a gap in the log"),
+            }
+        };
+        assert!(
+            matches!(
+                err,
+                StoreError::LogGap {
+                    stored: 3,
+                    found: 5
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("batches in between are missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_full_log_is_checkpointed_and_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let opened = store.checkpoint_count();
+        let mut recs = Vec::new();
+        while store.checkpoint_count() == opened {
+            let mut r = rec();
+            r.job.payload = vec![1; 64 << 10];
+            put(&store, &[&r]);
+            store.sync().unwrap();
+            store.settle().unwrap();
+            recs.push(r.id());
+            assert!(recs.len() < 1000, "no checkpoint after {} bytes", 64 * 1000);
+        }
+        assert_eq!(store.wal.lock().len(), 0, "the log starts again");
+        let file = std::fs::metadata(dir.path().join(wal::FILE_NAME))
+            .unwrap()
+            .len();
+        assert!(
+            file <= CHECKPOINT_BYTES + wal::GROWTH,
+            "log file {file} bytes"
+        );
+        drop(store);
+        let store = Store::reopen_for_test(dir.path());
+        assert_eq!(ids(store.scan_jobs(None)), recs);
     }
 }

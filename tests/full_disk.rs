@@ -303,8 +303,10 @@ async fn a_write_that_finds_the_disk_full_is_not_acknowledged_and_the_store_is_r
     fill(&filler, &disk, 0);
     assert_eq!(disk.free(), 0);
 
-    // A worker connects: leasing the queued jobs is a write that the disk cannot take. It is
-    // not acknowledged (no Assign goes out), and the coordinator starts reopening its store.
+    // A worker connects: leasing and finishing the queued jobs writes more than the disk can
+    // take. A commit the write-ahead log cannot grow for is not acknowledged (no Assign goes
+    // out); a commit that fits the log's room is durable, and then sled's own write of it hits
+    // the full disk. Either way the store fails and the coordinator starts reopening it.
     let worker = disk_worker(&url, dir.path(), &runs);
     wait_for(
         BOUND,
@@ -344,12 +346,6 @@ async fn a_write_that_finds_the_disk_full_is_not_acknowledged_and_the_store_is_r
         .await
         .expect_err("reads wait for the store too");
     assert_eq!(get.code(), Code::Unavailable, "{get:?}");
-    assert!(
-        std::fs::read_to_string(&runs)
-            .unwrap_or_default()
-            .is_empty(),
-        "no job ran on a lease that was not durable"
-    );
     let log = log_tail(coord.log_path());
     assert!(
         log.contains("store sync failed") || log.contains("store write failed"),
@@ -491,12 +487,6 @@ async fn a_store_sled_cannot_close_after_a_full_disk_stops_the_coordinator_and_a
     );
     let log = log_tail(coord.log_path());
     assert!(log.contains("sled is stuck"), "{log}");
-    assert!(
-        std::fs::read_to_string(&runs)
-            .unwrap_or_default()
-            .is_empty(),
-        "no job ran on a lease that was not durable"
-    );
 
     // Its supervisor restarts it once space is freed: every acknowledged job is there and
     // runs once, and new work is taken.
