@@ -138,9 +138,30 @@ impl Drop for Coordinator {
 /// Worker processes, killed on drop.
 pub struct Workers(Vec<Child>);
 
+/// The tokio runtime of an SDK worker process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerRuntime {
+    /// One thread: the handler, the session and the connection never wake another thread. What a
+    /// process whose handlers are short or I/O-bound is best served by; the default here.
+    #[default]
+    CurrentThread,
+    /// `#[tokio::main]`'s default: a worker thread per core.
+    MultiThread,
+}
+
+impl WorkerRuntime {
+    /// Its `--runtime` value.
+    pub fn arg(self) -> &'static str {
+        match self {
+            WorkerRuntime::CurrentThread => "current-thread",
+            WorkerRuntime::MultiThread => "multi-thread",
+        }
+    }
+}
+
 impl Workers {
     /// `n` SDK worker processes (this binary's `worker` subcommand), each with `slots`.
-    pub fn sdk(url: &str, n: usize, slots: u32) -> Result<Workers> {
+    pub fn sdk(url: &str, n: usize, slots: u32, runtime: WorkerRuntime) -> Result<Workers> {
         let me = std::env::current_exe()?;
         let mut children = Vec::new();
         for i in 0..n {
@@ -152,6 +173,8 @@ impl Workers {
                         url,
                         "--slots",
                         &slots.to_string(),
+                        "--runtime",
+                        runtime.arg(),
                         "--id",
                     ])
                     .arg(format!("sdk-{i}"))

@@ -9,6 +9,7 @@ mod workloads;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use harness::WorkerRuntime;
 
 /// Rota's benchmarks.
 #[derive(Parser)]
@@ -33,6 +34,9 @@ enum Cmd {
         /// Skip the command-runner run.
         #[arg(long)]
         sdk_only: bool,
+        /// The SDK workers' tokio runtime (`multi-thread` prints `e2e_sdk_multi_thread`).
+        #[arg(long, value_enum, default_value_t)]
+        worker_runtime: WorkerRuntime,
     },
     /// Open-loop loads of 200 and 2,000 jobs/s: submit->start and submit->complete percentiles.
     Latency {
@@ -76,6 +80,8 @@ enum Cmd {
         slots: u32,
         #[arg(long)]
         id: String,
+        #[arg(long, value_enum, default_value_t)]
+        runtime: WorkerRuntime,
     },
 }
 
@@ -93,8 +99,21 @@ pub fn figure(name: &str, value: f64, unit: &str) {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = match cli.command {
+        Cmd::Worker {
+            runtime: WorkerRuntime::CurrentThread,
+            ..
+        } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Cmd) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -102,9 +121,15 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match command {
         Cmd::Submit { jobs } => workloads::submit(jobs).await,
-        Cmd::E2e { jobs, sdk_only } => workloads::e2e(jobs, sdk_only).await.map(|_| ()),
+        Cmd::E2e {
+            jobs,
+            sdk_only,
+            worker_runtime,
+        } => workloads::e2e(jobs, sdk_only, worker_runtime)
+            .await
+            .map(|_| ()),
         Cmd::Latency { seconds } => workloads::latency(seconds).await,
         Cmd::Depth { deep } => workloads::depth(deep).await,
         Cmd::Schedules { schedules, seconds } => workloads::schedules(schedules, seconds).await,
@@ -118,6 +143,7 @@ async fn main() -> Result<()> {
             coordinator,
             slots,
             id,
+            runtime: _,
         } => workloads::noop_worker(coordinator, slots, id).await,
     }
 }

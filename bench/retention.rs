@@ -10,7 +10,9 @@ use rota::proto::SubmitJobRequest;
 use tonic::transport::Channel;
 
 use crate::figure;
-use crate::harness::{channel, dir_size, jobs as job_client, Coordinator, Scratch, Workers};
+use crate::harness::{
+    channel, dir_size, jobs as job_client, Coordinator, Scratch, WorkerRuntime, Workers,
+};
 use crate::workloads::{noop, quantile, run_e2e, stats, submit_batched, SLOTS, WORKERS};
 
 /// Jobs of the e2e runs measured beside the sweep.
@@ -73,7 +75,7 @@ async fn submit_latency(url: &str) -> Result<(f64, f64)> {
 /// Runs `n` no-op jobs to the end on `coord` with SDK workers; returns jobs/s.
 async fn run(coord: &Coordinator, n: usize) -> Result<f64> {
     let mut admin = AdminServiceClient::new(channel(&coord.url).await?);
-    let _workers = Workers::sdk(&coord.url, WORKERS, SLOTS)?;
+    let _workers = Workers::sdk(&coord.url, WORKERS, SLOTS, WorkerRuntime::default())?;
     Workers::wait_connected(&coord.url, WORKERS).await?;
     let t = Instant::now();
     submit_batched(&coord.url, n, 1000).await?;
@@ -108,7 +110,7 @@ pub async fn retention(n: usize, kept: &str, kept_only: bool) -> Result<()> {
     // The e2e rate of this machine now, on a fresh coordinator with nothing to delete.
     figure(
         "e2e_sdk_baseline",
-        run_e2e(SIDE_JOBS, false).await?,
+        run_e2e(SIDE_JOBS, false, WorkerRuntime::default()).await?,
         "jobs/s",
     );
     let scratch = Scratch::new("retention")?;

@@ -16,7 +16,9 @@ use rota::proto::{
 use rota::worker::{TaskContext, TaskError, Worker};
 
 use crate::figure;
-use crate::harness::{channel, dir_size, jobs as job_client, Coordinator, Scratch, Workers};
+use crate::harness::{
+    channel, dir_size, jobs as job_client, Coordinator, Scratch, WorkerRuntime, Workers,
+};
 
 pub(crate) const WORKERS: usize = 4;
 pub(crate) const SLOTS: u32 = 16;
@@ -151,13 +153,13 @@ pub async fn submit(n: usize) -> Result<()> {
 }
 
 /// One end-to-end run; returns jobs/s.
-pub(crate) async fn run_e2e(n: usize, command: bool) -> Result<f64> {
+pub(crate) async fn run_e2e(n: usize, command: bool, runtime: WorkerRuntime) -> Result<f64> {
     let scratch = Scratch::new("e2e")?;
     let coord = Coordinator::start(&scratch.0.join("data"), "127.0.0.1:0")?;
     let _workers = if command {
         Workers::command(&coord.url, WORKERS, SLOTS, &scratch.0)?
     } else {
-        Workers::sdk(&coord.url, WORKERS, SLOTS)?
+        Workers::sdk(&coord.url, WORKERS, SLOTS, runtime)?
     };
     Workers::wait_connected(&coord.url, WORKERS).await?;
     let t = Instant::now();
@@ -168,11 +170,19 @@ pub(crate) async fn run_e2e(n: usize, command: bool) -> Result<f64> {
     Ok(rate)
 }
 
-pub async fn e2e(n: usize, sdk_only: bool) -> Result<f64> {
-    let rate = run_e2e(n, false).await?;
-    figure("e2e_sdk", rate, "jobs/s");
+pub async fn e2e(n: usize, sdk_only: bool, runtime: WorkerRuntime) -> Result<f64> {
+    let rate = run_e2e(n, false, runtime).await?;
+    let name = match runtime {
+        WorkerRuntime::CurrentThread => "e2e_sdk",
+        WorkerRuntime::MultiThread => "e2e_sdk_multi_thread",
+    };
+    figure(name, rate, "jobs/s");
     if !sdk_only {
-        figure("e2e_command_true", run_e2e(n, true).await?, "jobs/s");
+        figure(
+            "e2e_command_true",
+            run_e2e(n, true, runtime).await?,
+            "jobs/s",
+        );
     }
     Ok(rate)
 }
@@ -209,7 +219,7 @@ async fn latency_at(rates: &[u64], seconds: u64) -> Result<Vec<f64>> {
     let mut p99s = Vec::new();
     let scratch = Scratch::new("latency")?;
     let coord = Coordinator::start(&scratch.0.join("data"), "127.0.0.1:0")?;
-    let _workers = Workers::sdk(&coord.url, WORKERS, SLOTS)?;
+    let _workers = Workers::sdk(&coord.url, WORKERS, SLOTS, WorkerRuntime::default())?;
     Workers::wait_connected(&coord.url, WORKERS).await?;
     let client = job_client(&coord.url).await?;
     let mut total = 0u64;
@@ -293,7 +303,7 @@ pub async fn depth(deep: usize) -> Result<()> {
         let (rss, size) = (coord.peak_rss()?, dir_size(&coord.data_dir));
         let stop = Arc::new(AtomicBool::new(false));
         let feeder = tokio::spawn(feed(coord.url.clone(), depth as u64, stop.clone()));
-        let workers = Workers::sdk(&coord.url, WORKERS, SLOTS)?;
+        let workers = Workers::sdk(&coord.url, WORKERS, SLOTS, WorkerRuntime::default())?;
         Workers::wait_connected(&coord.url, WORKERS).await?;
         let mut admin = AdminServiceClient::new(channel(&coord.url).await?);
         let before = stats(&mut admin).await?.succeeded;
@@ -449,7 +459,7 @@ pub async fn schedules(n: usize, seconds: u64) -> Result<()> {
 }
 
 pub async fn compare(n: usize) -> Result<()> {
-    let rota = e2e(n, true).await?;
+    let rota = e2e(n, true, WorkerRuntime::default()).await?;
     let rota_p99 = latency_at(&[200], 20).await?[0];
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/run.sh");
     let out = tokio::process::Command::new("bash")

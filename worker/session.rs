@@ -13,6 +13,7 @@
 //! the earliest per task and the loop sleeps until the next one, then aborts
 //! what still runs. A `Shutdown` also puts the worker into its drain.
 
+use futures::FutureExt;
 use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -695,8 +696,11 @@ impl Driver {
     }
 }
 
-/// Runs one handler in its own tokio task and reports how it ended. Cancelling
-/// `abort` drops the handler's future (which kills a command's process group).
+/// Runs one handler (this is its own tokio task) and reports how it ended.
+/// Cancelling `abort` drops the handler's future (which kills a command's
+/// process group). The handler runs inside this task rather than in a task of
+/// its own, which would cost a second spawn and a wake-up of its join handle
+/// per job.
 async fn supervise(
     key: LeaseKey,
     handler: Arc<dyn Handler>,
@@ -704,19 +708,16 @@ async fn supervise(
     abort: CancellationToken,
     events: mpsc::UnboundedSender<TaskEvent>,
 ) {
-    let mut task = tokio::spawn(async move { handler.call(ctx).await });
-    let joined = tokio::select! {
-        joined = &mut task => joined,
-        () = abort.cancelled() => {
-            task.abort();
-            // A task that finished just before the abort keeps its result.
-            task.await
-        }
-    };
-    let end = match joined {
-        Ok(result) => TaskEnd::Returned(result),
-        Err(e) if e.is_panic() => TaskEnd::Panicked(panic_message(e.into_panic())),
-        Err(_) => TaskEnd::Aborted,
+    let run = std::panic::AssertUnwindSafe(handler.call(ctx)).catch_unwind();
+    tokio::pin!(run);
+    let end = tokio::select! {
+        // A task that finished just before the abort keeps its result.
+        biased;
+        ended = &mut run => match ended {
+            Ok(result) => TaskEnd::Returned(result),
+            Err(payload) => TaskEnd::Panicked(panic_message(payload)),
+        },
+        () = abort.cancelled() => TaskEnd::Aborted,
     };
     if events.send(TaskEvent { key, end }).is_err() {
         debug!("worker loop gone, task result dropped");
