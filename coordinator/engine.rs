@@ -11,9 +11,9 @@
 //! write-ahead log (one write, one `fdatasync`), and only then runs their
 //! effects (replies, `Assign` messages, watch updates). So a `SubmitJobs` of
 //! 1,000 jobs costs one sync, concurrent callers share one, and nobody is told
-//! of a change before it is on disk. At the start of each round the engine
-//! writes the batches committed since the last one to sled
-//! ([`Store::settle`]), off the commit path.
+//! of a change before it is on disk. A third thread then writes the committed
+//! batches to sled ([`Store::settle`]), off the engine's and the commit's
+//! paths.
 //!
 //! New work (submits, retries, new schedules, triggers) is first admitted by
 //! the [`DiskGuard`]: unless the disk keeps room to finish the accepted work
@@ -585,18 +585,32 @@ async fn serve(
         (store, model.epoch.clone())
     };
     let (sync_tx, sync_rx) = std::sync::mpsc::channel::<Round>();
-    // Dropped when the sync thread ends: how its end is awaited without a
-    // blocking join (after some failures sled never returns from a flush).
+    let (settle_tx, settle_rx) = std::sync::mpsc::channel::<()>();
+    // Dropped when both the sync and the settle thread have ended: how their
+    // end is awaited without a blocking join (after some failures sled never
+    // returns from a flush).
     let (finished, synced) = oneshot::channel::<()>();
+    let finished = Arc::new(finished);
     {
         let (shared, store, epoch) = (shared.clone(), store.clone(), epoch.clone());
+        let finished = finished.clone();
         std::thread::Builder::new()
             .name("rota-sync".into())
             .spawn(move || {
                 let _finished = finished;
-                sync_loop(&shared, &store, &epoch, sync_rx)
+                sync_loop(&shared, &store, &epoch, sync_rx, settle_tx)
             })
             .expect("spawning the sync thread");
+    }
+    {
+        let (shared, store, epoch) = (shared.clone(), store.clone(), epoch.clone());
+        std::thread::Builder::new()
+            .name("rota-settle".into())
+            .spawn(move || {
+                let _finished = finished;
+                settle_loop(&shared, &store, &epoch, settle_rx)
+            })
+            .expect("spawning the settle thread");
     }
     let mut commands = Vec::with_capacity(64);
     let mut durable_rx = shared.durable.subscribe();
@@ -632,13 +646,6 @@ async fn serve(
                 if r.is_err() { break; }
             }
             _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => {}
-        }
-        // Committed batches go on to sled here, off the commit path.
-        if let Err(e) = store.settle() {
-            let why = failure_reason(&e);
-            tracing::error!(error = %e, "store write failed; reopening the store");
-            shared.fail_epoch(&epoch, &why);
-            break;
         }
         let now = shared.clock.now();
         guard.refresh(Instant::now());
@@ -837,12 +844,13 @@ fn fail_round(round: Round, why: &str) {
 }
 
 /// The sync thread: one commit of the write-ahead log for every round that queued up while
-/// the last one ran, then their effects, in order.
+/// the last one ran, then their effects, in order; then a nudge to the settle thread.
 fn sync_loop(
     shared: &Shared,
     store: &Store,
     epoch: &CancellationToken,
     rx: std::sync::mpsc::Receiver<Round>,
+    settle: std::sync::mpsc::Sender<()>,
 ) {
     let mut pending: Vec<Round> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -868,6 +876,10 @@ fn sync_loop(
                 for round in pending.drain(..) {
                     run_effects(round.effects, Ok(()));
                 }
+                if dirty {
+                    // Gone only if the settle thread failed the epoch.
+                    let _ = settle.send(());
+                }
                 shared.durable.send_if_modified(|d| {
                     let advanced = newest > *d;
                     *d = (*d).max(newest);
@@ -889,6 +901,30 @@ fn sync_loop(
         // A clean stop leaves nothing in the write-ahead log to replay.
         if let Err(e) = store.sync().and_then(|()| store.checkpoint()) {
             tracing::error!(error = %e, "final store sync failed");
+        }
+    }
+}
+
+/// The settle thread: after each commit, writes the committed batches to sled
+/// (and checkpoints when the log is full), off the engine's and the sync
+/// thread's paths.
+fn settle_loop(
+    shared: &Shared,
+    store: &Store,
+    epoch: &CancellationToken,
+    rx: std::sync::mpsc::Receiver<()>,
+) {
+    while rx.recv().is_ok() {
+        // Every commit since the last settling is settled at once.
+        while rx.try_recv().is_ok() {}
+        if epoch.is_cancelled() {
+            return;
+        }
+        if let Err(e) = store.settle() {
+            let why = failure_reason(&e);
+            tracing::error!(error = %e, "store write failed; reopening the store");
+            shared.fail_epoch(epoch, &why);
+            return;
         }
     }
 }
