@@ -24,7 +24,8 @@
 //! 4. Once the log holds [`CHECKPOINT_BYTES`], a [`Store::checkpoint`] makes
 //!    sled itself durable (its `flush()`, which only issues
 //!    `sync_file_range`, then a real `fsync`) and the log starts again at its
-//!    beginning. Commits wait while it runs.
+//!    beginning. Commits wait only for the last part of it (what was
+//!    committed while sled was being flushed).
 //!
 //! Why not sled's `apply_batch`: for atomicity sled seals and writes its log
 //! buffer twice per batch (before and after a batch manifest), each write a
@@ -484,9 +485,22 @@ impl Store {
 
     /// [`Store::checkpoint`], with `settling` held.
     fn checkpoint_settling(&self) -> Result<(), StoreError> {
-        // No commit until the log restarts: everything in it must be in sled.
+        // The bulk first, while commits go on; then, with commits held until
+        // the log restarts (everything in it must be in sled), what was
+        // committed meanwhile.
+        self.settle_committed()?;
+        self.make_sled_durable()?;
         let mut log = self.wal.lock();
         self.settle_committed()?;
+        self.make_sled_durable()?;
+        log.restart();
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// sled's flush (which only issues `sync_file_range`), then a real fsync
+    /// of its log file and of any new blob file.
+    fn make_sled_durable(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.log_file
             .sync_data()
@@ -499,9 +513,6 @@ impl Store {
             path: blobs.dir.clone(),
             source,
         })?;
-        drop(blobs);
-        log.restart();
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
