@@ -218,7 +218,12 @@ impl Blobs {
             let entry = entry?;
             let name = entry.file_name();
             if !self.synced.contains(&name) {
-                File::open(entry.path())?.sync_data()?;
+                match File::open(entry.path()) {
+                    Ok(file) => file.sync_data()?,
+                    // sled removed it (its value was replaced) since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
                 fresh = true;
             }
             present.insert(name);
