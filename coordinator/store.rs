@@ -34,15 +34,19 @@
 //! thousands of device writes and tens of thousands of thread wake-ups a
 //! second, on top of the fsync a durable commit needs anyway.
 //!
-//! Opening the store replays the log: sled recovers a prefix of the writes it
-//! was given, which holds every batch up to the sequence number it stores and
-//! perhaps part of the next; the log's records after that number, applied in
-//! order, bring it to the last committed batch exactly.
+//! Opening the store replays the log: every record of it, in order, over what
+//! sled recovered. sled holds every batch up to the last checkpoint (durably),
+//! and perhaps some later ones, even with holes: a value in a blob file (below)
+//! can be missing after a power loss while later writes are not. Every write
+//! is a blind insert or removal, so replaying all the batches since the
+//! checkpoint brings sled to the last committed batch exactly, whatever it
+//! recovered of them. The sequence number sled stores only detects a gap: a
+//! log that starts after it means batches in neither. The file is then zeroed,
+//! so that no record of an abandoned pass can ever follow a new one.
 //!
 //! sled writes a log message too large for a quarter segment to its own file
 //! under `blobs/`, and never fsyncs it. So a checkpoint also fsyncs every blob
-//! file it has not synced yet, and the directory; it looks for new ones only
-//! when the directory changed, so the common case costs one `stat`.
+//! file it has not synced yet, and the directory.
 //!
 //! sled 0.34 copies a leaf on every insert and hands the old copy to
 //! crossbeam-epoch's global collector, which frees at most a few bags of
@@ -101,6 +105,10 @@ pub enum StoreError {
     /// The write-ahead log failed.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// An earlier commit failed: this store takes nothing more until it is
+    /// reopened.
+    #[error("an earlier commit of the write-ahead log failed; the store must be reopened")]
+    CommitFailed,
     /// The stored sequence number is not 8 bytes.
     #[error("corrupt sequence number record ({0} bytes)")]
     CorruptSequence(usize),
@@ -150,6 +158,9 @@ pub struct Store {
     staged: Mutex<Staged>,
     /// The sequence number of the last batch committed to the log.
     committed: AtomicU64,
+    /// Set when a commit failed: its records are gone, so no later commit,
+    /// settling or checkpoint may run in this store (it must be reopened).
+    failed: std::sync::atomic::AtomicBool,
     /// Held while batches are written to sled, so they go in order.
     settling: Mutex<()>,
     /// sled's log file, opened by us so that a checkpoint can fsync it.
@@ -190,31 +201,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Blobs {
     /// `dir/blobs`.
     dir: PathBuf,
-    /// The directory's modification time at the last scan.
-    seen_mtime: Option<std::time::SystemTime>,
     /// Names of blob files already fsynced.
     synced: std::collections::HashSet<std::ffi::OsString>,
 }
 
 impl Blobs {
-    /// Fsyncs blob files created since the last call, and the directory.
+    /// Fsyncs blob files created since the last call, and the directory. It
+    /// lists the directory every time (checkpoints are rare): a directory's
+    /// modification time can miss a file created in the same clock tick.
     fn sync(&mut self) -> std::io::Result<()> {
-        let mtime = match std::fs::metadata(&self.dir) {
-            Ok(m) => m.modified()?,
+        let listing = match std::fs::read_dir(&self.dir) {
+            Ok(listing) => listing,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        // Directory times are coarse: a change in the same tick as the last scan
-        // keeps the same mtime, so a recently changed directory is scanned again.
-        let recent = std::time::SystemTime::now()
-            .duration_since(mtime)
-            .map_or(true, |age| age < std::time::Duration::from_millis(100));
-        if Some(mtime) == self.seen_mtime && !recent {
-            return Ok(());
-        }
         let mut present = std::collections::HashSet::new();
         let mut fresh = false;
-        for entry in std::fs::read_dir(&self.dir)? {
+        for entry in listing {
             let entry = entry?;
             let name = entry.file_name();
             if !self.synced.contains(&name) {
@@ -232,7 +235,6 @@ impl Blobs {
             File::open(&self.dir)?.sync_all()?;
         }
         self.synced = present;
-        self.seen_mtime = Some(mtime);
         Ok(())
     }
 }
@@ -378,17 +380,17 @@ impl Store {
             ),
             None => 0,
         };
-        let mut seq = stored;
-        for record in records {
-            if record.seq <= seq {
-                continue;
-            }
-            if record.seq != seq + 1 {
+        if let Some(first) = records.first() {
+            if first.seq > stored + 1 {
                 return Err(StoreError::LogGap {
-                    stored: seq,
-                    found: record.seq,
+                    stored,
+                    found: first.seq,
                 });
             }
+        }
+        let mut seq = stored;
+        let replayed = records.len();
+        for record in records {
             let ops = Ops::decode(&record.ops).ok_or_else(|| WalError::Malformed {
                 path: dir.join(wal::FILE_NAME),
                 seq: record.seq,
@@ -399,12 +401,16 @@ impl Store {
                     wal::Op::Remove(k) => db.remove(k)?,
                 };
             }
-            db.insert(SEQ_KEY, &record.seq.to_be_bytes()[..])?;
             reclaim(ops.len());
-            seq = record.seq;
+            seq = seq.max(record.seq);
         }
-        if seq > stored {
-            tracing::info!(batches = seq - stored, "replayed the write-ahead log");
+        db.insert(SEQ_KEY, &seq.to_be_bytes()[..])?;
+        if replayed > 0 {
+            tracing::info!(
+                batches = replayed,
+                new = seq - stored,
+                "replayed the write-ahead log"
+            );
         }
         let log_path = dir.join("db");
         let log_file = File::open(&log_path).map_err(|source| StoreError::Sync {
@@ -419,6 +425,7 @@ impl Store {
                 ..Staged::default()
             }),
             committed: AtomicU64::new(seq),
+            failed: Default::default(),
             settling: Mutex::new(()),
             log_file,
             log_path,
@@ -426,13 +433,13 @@ impl Store {
             checkpoints: AtomicU64::new(0),
             blobs: Mutex::new(Blobs {
                 dir: dir.join("blobs"),
-                seen_mtime: None,
                 synced: Default::default(),
             }),
         };
         // What sled read back (some of it perhaps only from the page cache)
         // and what was replayed is made durable before the log is overwritten.
         store.checkpoint()?;
+        store.wal.lock().clear()?;
         Ok(store)
     }
 
@@ -457,11 +464,15 @@ impl Store {
     /// Makes every staged batch durable: one commit of the write-ahead log.
     pub fn sync(&self) -> Result<(), StoreError> {
         let mut log = self.wal.lock();
+        self.check_failed()?;
         let (records, last) = {
             let mut staged = lock(&self.staged);
             (std::mem::take(&mut staged.records), staged.seq)
         };
-        log.commit(&records)?;
+        if let Err(e) = log.commit(&records) {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
         self.committed.fetch_max(last, Ordering::SeqCst);
         drop(log);
         self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -473,6 +484,7 @@ impl Store {
     /// calls it every round, off the commit path.
     pub fn settle(&self) -> Result<(), StoreError> {
         let _settling = lock(&self.settling);
+        self.check_failed()?;
         self.settle_committed()?;
         if self.wal.lock().len() >= CHECKPOINT_BYTES {
             self.checkpoint_settling()?;
@@ -485,7 +497,16 @@ impl Store {
     /// write-ahead log starts again from its beginning.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         let _settling = lock(&self.settling);
+        self.check_failed()?;
         self.checkpoint_settling()
+    }
+
+    /// `Err` once a commit has failed in this store.
+    fn check_failed(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::CommitFailed);
+        }
+        Ok(())
     }
 
     /// [`Store::checkpoint`], with `settling` held.
@@ -874,7 +895,7 @@ mod tests {
     }
 
     #[test]
-    fn the_replay_skips_what_sled_holds_and_refuses_a_gap() {
+    fn the_replay_brings_sled_to_the_last_record_and_refuses_a_gap() {
         let dir = tempfile::tempdir().unwrap();
         let recs: Vec<_> = (0..4).map(|_| rec()).collect();
         {
@@ -956,5 +977,36 @@ mod tests {
         drop(store);
         let store = Store::reopen_for_test(dir.path());
         assert_eq!(ids(store.scan_jobs(None)), recs);
+    }
+
+    #[test]
+    fn a_write_sled_lost_behind_its_stored_number_is_replayed_and_the_log_is_zeroed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = rec();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            put(&store, &[&first]);
+            store.sync().unwrap();
+            store.checkpoint().unwrap(); // batch 1 durable in sled; the log starts again
+            first.job.kind = "second".into();
+            put(&store, &[&first]);
+            store.sync().unwrap(); // batch 2 in the log
+            store.settle().unwrap(); // and in sled, which stores 2
+                                     // What a power loss can leave: sled stores 2 but lost batch 2's write
+                                     // (a value in a blob file that was never fsynced).
+            let mut older = first.clone();
+            older.job.kind = "k".into();
+            store
+                .db
+                .insert(job_key(&first.id()), older.encode())
+                .unwrap();
+        }
+        let store = Store::reopen_for_test(dir.path());
+        assert_eq!(store.get_job(first.id()).unwrap(), Some(first.clone()));
+        let log = std::fs::read(dir.path().join(wal::FILE_NAME)).unwrap();
+        assert!(
+            !log.is_empty() && log.iter().all(|b| *b == 0),
+            "the log is zeroed at opening"
+        );
     }
 }

@@ -290,6 +290,25 @@ impl LogFile {
         self.offset = 0;
     }
 
+    /// Zeroes the whole file and makes the next commit write at offset 0:
+    /// after a crash, a record that reached the disk beyond a torn one would
+    /// otherwise carry a sequence number that is handed out again. Only once
+    /// every record in the file is durable elsewhere.
+    pub fn clear(&mut self) -> Result<(), WalError> {
+        if self.allocated > 0 {
+            let zeros =
+                vec![0; usize::try_from(self.allocated).expect("a log that fits in memory")];
+            let io = |op| {
+                let path = self.path.clone();
+                move |source| WalError::Io { path, op, source }
+            };
+            self.file.write_all_at(&zeros, 0).map_err(io("clear"))?;
+            self.file.sync_data().map_err(io("fdatasync"))?;
+        }
+        self.offset = 0;
+        Ok(())
+    }
+
     /// Where the log ends.
     pub fn len(&self) -> u64 {
         self.offset
