@@ -69,7 +69,7 @@ use sled::IVec;
 use crate::coordinator::ids::JobId;
 use crate::coordinator::record::{JobRecord, RecordError};
 use crate::coordinator::schedule::record::ScheduleEntry;
-use crate::coordinator::wal::{self, Ops, Wal, WalError};
+use crate::coordinator::wal::{self, Op, Wal, WalError};
 
 /// A checkpoint follows the settling that finds the write-ahead log past this
 /// many bytes. It bounds the log's file (this plus one growth step of
@@ -244,8 +244,6 @@ impl Blobs {
 pub struct Writes {
     /// The writes, in order.
     writes: Vec<Write>,
-    /// The same, encoded for the write-ahead log.
-    ops: Ops,
     /// The bytes of the keys and values it writes.
     bytes: u64,
 }
@@ -292,18 +290,24 @@ impl Writes {
     }
 
     fn insert(&mut self, key: &[u8], value: Vec<u8>) {
-        self.ops.insert(key, &value);
         self.writes.push((IVec::from(key), Some(IVec::from(value))));
     }
 
     fn remove(&mut self, key: &[u8]) {
-        self.ops.remove(key);
         self.writes.push((IVec::from(key), None));
     }
 
     /// Whether nothing is written.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+
+    /// The writes as the write-ahead log's operations.
+    fn ops(&self) -> impl Iterator<Item = Op<'_>> {
+        self.writes.iter().map(|(key, value)| match value {
+            Some(value) => Op::Insert(key, value),
+            None => Op::Remove(key),
+        })
     }
 
     /// How many records are written.
@@ -391,7 +395,7 @@ impl Store {
         let mut seq = stored;
         let replayed = records.len();
         for record in records {
-            let ops = Ops::decode(&record.ops).ok_or_else(|| WalError::Malformed {
+            let ops = wal::decode(&record.ops).ok_or_else(|| WalError::Malformed {
                 path: dir.join(wal::FILE_NAME),
                 seq: record.seq,
             })?;
@@ -453,7 +457,7 @@ impl Store {
         let staged = &mut *staged;
         staged.seq += 1;
         let seq = staged.seq;
-        wal::encode(&mut staged.records, seq, &writes.ops);
+        wal::encode(&mut staged.records, seq, writes.ops());
         for (key, value) in &writes.writes {
             staged.overlay.insert(key.clone(), (seq, value.clone()));
         }
@@ -593,14 +597,20 @@ impl Store {
     /// it, within a bound.
     #[cfg(test)]
     pub fn reopen_for_test(dir: &Path) -> Store {
+        Store::try_reopen_for_test(dir).unwrap_or_else(|e| panic!("reopening the store: {e}"))
+    }
+
+    /// [`Store::reopen_for_test`], returning the error that is not sled's
+    /// lock (or the last one, after the bound).
+    #[cfg(test)]
+    pub fn try_reopen_for_test(dir: &Path) -> Result<Store, StoreError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match Store::open(dir, 1 << 20) {
-                Ok(store) => return store,
-                Err(_) if std::time::Instant::now() < deadline => {
+                Err(StoreError::Sled(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10))
                 }
-                Err(e) => panic!("reopening the store: {e}"),
+                opened => return opened,
             }
         }
     }
@@ -911,7 +921,7 @@ mod tests {
             for (seq, r) in batches {
                 let mut w = Writes::default();
                 w.put_job(r);
-                wal::encode(&mut bytes, *seq, &w.ops);
+                wal::encode(&mut bytes, *seq, w.ops());
             }
             std::fs::write(dir.path().join(wal::FILE_NAME), bytes).unwrap();
         };
@@ -925,15 +935,8 @@ mod tests {
         drop(store);
         // Batch 5 after 3: batch 4 is in neither, so the store will not open.
         log(&[(5, &recs[3])]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let err = loop {
-            match Store::open(dir.path(), 1 << 20) {
-                Err(StoreError::Sled(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(e) => break e,
-                Ok(_) => panic!("opened over a gap in the log"),
-            }
+        let Err(err) = Store::try_reopen_for_test(dir.path()) else {
+            panic!("opened over a gap in the log");
         };
         assert!(
             matches!(

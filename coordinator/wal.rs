@@ -17,7 +17,7 @@
 //! | 4 | length of the operations, little-endian |
 //! | 4 | CRC-32 of the sequence number and the operations |
 //! | 8 | sequence number, little-endian |
-//! | length | the operations ([`Ops`]) |
+//! | length | the operations ([`Op`], [`decode`]) |
 //!
 //! [`LogFile::commit`] writes the records of a group of batches and
 //! fdatasyncs. The file grows in [`GROWTH`] steps of written zeros, so a
@@ -79,13 +79,9 @@ impl WalError {
     }
 }
 
-/// The operations of one batch, encoded: for each, a tag (1: insert, 2:
+/// One operation of a batch. Encoded in a record as a tag (1: insert, 2:
 /// remove), the key's length (4 bytes, little-endian) and the key, and for an
 /// insert the value's length and the value.
-#[derive(Default, Debug, Clone, PartialEq, Eq)]
-pub struct Ops(Vec<u8>);
-
-/// One decoded operation.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Op<'a> {
     /// Write `value` under `key`.
@@ -97,47 +93,33 @@ pub enum Op<'a> {
 const INSERT: u8 = 1;
 const REMOVE: u8 = 2;
 
-impl Ops {
-    /// Adds an insert.
-    pub fn insert(&mut self, key: &[u8], value: &[u8]) {
-        self.0.push(INSERT);
-        self.put(key);
-        self.put(value);
-    }
+/// Appends a length-prefixed byte string.
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).expect("a key or value over 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+}
 
-    /// Adds a removal.
-    pub fn remove(&mut self, key: &[u8]) {
-        self.0.push(REMOVE);
-        self.put(key);
-    }
-
-    fn put(&mut self, bytes: &[u8]) {
-        let len = u32::try_from(bytes.len()).expect("a key or value over 4 GiB");
-        self.0.extend_from_slice(&len.to_le_bytes());
-        self.0.extend_from_slice(bytes);
-    }
-
-    /// The operations in order, or `None` if the bytes do not parse.
-    pub fn decode(bytes: &[u8]) -> Option<Vec<Op<'_>>> {
-        let mut out = Vec::new();
-        let mut rest = bytes;
-        while let Some((&tag, after)) = rest.split_first() {
-            let (key, after) = take(after)?;
-            match tag {
-                INSERT => {
-                    let (value, after) = take(after)?;
-                    out.push(Op::Insert(key, value));
-                    rest = after;
-                }
-                REMOVE => {
-                    out.push(Op::Remove(key));
-                    rest = after;
-                }
-                _ => return None,
+/// A record's operations in order, or `None` if the bytes do not parse.
+pub fn decode(bytes: &[u8]) -> Option<Vec<Op<'_>>> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some((&tag, after)) = rest.split_first() {
+        let (key, after) = take(after)?;
+        match tag {
+            INSERT => {
+                let (value, after) = take(after)?;
+                out.push(Op::Insert(key, value));
+                rest = after;
             }
+            REMOVE => {
+                out.push(Op::Remove(key));
+                rest = after;
+            }
+            _ => return None,
         }
-        Some(out)
     }
+    Some(out)
 }
 
 /// Splits a length-prefixed byte string off the front of `bytes`.
@@ -152,20 +134,38 @@ fn take(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 pub struct Record {
     /// Its sequence number.
     pub seq: u64,
-    /// Its operations ([`Ops::decode`]).
+    /// Its operations ([`decode`]).
     pub ops: Vec<u8>,
 }
 
-/// Appends one record to `out`.
-pub fn encode(out: &mut Vec<u8>, seq: u64, ops: &Ops) {
-    let len = u32::try_from(ops.0.len()).expect("a batch over 4 GiB");
+/// Appends one record of `ops` to `out`: the operations are written in place
+/// and the header filled in after them.
+pub fn encode<'a>(out: &mut Vec<u8>, seq: u64, ops: impl IntoIterator<Item = Op<'a>>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    for op in ops {
+        match op {
+            Op::Insert(key, value) => {
+                out.push(INSERT);
+                put(out, key);
+                put(out, value);
+            }
+            Op::Remove(key) => {
+                out.push(REMOVE);
+                put(out, key);
+            }
+        }
+    }
+    let body = &out[start + HEADER..];
+    let len = u32::try_from(body.len()).expect("a batch over 4 GiB");
     let mut crc = crc32fast::Hasher::new();
     crc.update(&seq.to_le_bytes());
-    crc.update(&ops.0);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&ops.0);
+    crc.update(body);
+    let crc = crc.finalize();
+    let header = &mut out[start..start + HEADER];
+    header[0..4].copy_from_slice(&len.to_le_bytes());
+    header[4..8].copy_from_slice(&crc.to_le_bytes());
+    header[8..16].copy_from_slice(&seq.to_le_bytes());
 }
 
 /// The run of valid, consecutive records at the start of `bytes`.
@@ -324,31 +324,37 @@ impl LogFile {
 mod tests {
     use super::*;
 
-    fn ops(n: u8) -> Ops {
-        let mut o = Ops::default();
-        o.insert(&[b'j', n], &vec![n; n as usize]);
-        o.remove(&[b'i', n]);
-        o
+    /// Appends record `seq` of batch `n`: an insert of `n` bytes, a removal.
+    fn encode_batch(out: &mut Vec<u8>, seq: u64, n: u8) {
+        let (key, value, gone) = ([b'j', n], vec![n; n as usize], [b'i', n]);
+        encode(out, seq, [Op::Insert(&key, &value), Op::Remove(&gone)]);
+    }
+
+    /// Batch `n`'s operations, encoded.
+    fn body(n: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_batch(&mut out, 1, n);
+        out.split_off(HEADER)
     }
 
     fn encoded(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
         let mut out = Vec::new();
         for seq in seqs {
-            encode(&mut out, seq, &ops(seq as u8));
+            encode_batch(&mut out, seq, seq as u8);
         }
         out
     }
 
     #[test]
     fn ops_round_trip_and_garbage_does_not_parse() {
-        let o = ops(3);
+        let o = body(3);
         assert_eq!(
-            Ops::decode(&o.0).unwrap(),
+            decode(&o).unwrap(),
             vec![Op::Insert(&[b'j', 3], &[3, 3, 3]), Op::Remove(&[b'i', 3])]
         );
-        assert_eq!(Ops::decode(&[]).unwrap(), vec![]);
-        assert!(Ops::decode(&[9, 0, 0, 0, 0]).is_none(), "unknown tag");
-        assert!(Ops::decode(&o.0[..o.0.len() - 1]).is_none(), "cut short");
+        assert_eq!(decode(&[]).unwrap(), vec![]);
+        assert!(decode(&[9, 0, 0, 0, 0]).is_none(), "unknown tag");
+        assert!(decode(&o[..o.len() - 1]).is_none(), "cut short");
     }
 
     #[test]
@@ -364,7 +370,7 @@ mod tests {
             records.iter().map(|r| r.seq).collect::<Vec<_>>(),
             [1, 2, 3, 4]
         );
-        assert_eq!(records[3].ops, ops(4).0);
+        assert_eq!(records[3].ops, body(4));
         // The file grew by whole steps of zeros, and the next commit follows the records.
         let len = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
         assert_eq!(len, GROWTH);
@@ -378,18 +384,18 @@ mod tests {
     fn a_torn_or_corrupt_record_ends_the_log() {
         let mut bytes = Vec::new();
         for seq in 1..=3 {
-            encode(&mut bytes, seq, &ops(seq as u8));
+            encode_batch(&mut bytes, seq, seq as u8);
         }
         let whole = parse(&bytes);
         assert_eq!(whole.len(), 3);
         // Torn: the last record cut anywhere inside.
-        let third = bytes.len() - (HEADER + ops(3).0.len());
+        let third = bytes.len() - (HEADER + body(3).len());
         for cut in third + 1..bytes.len() {
             assert_eq!(parse(&bytes[..cut]).len(), 2, "cut at {cut}");
         }
         // A flipped bit in the second record's operations ends the log before it.
         let mut flipped = bytes.clone();
-        flipped[HEADER + ops(1).0.len() + HEADER] ^= 1;
+        flipped[HEADER + body(1).len() + HEADER] ^= 1;
         assert_eq!(parse(&flipped).len(), 1);
         // Zeros are not a record.
         assert!(parse(&[0; 64]).is_empty());
@@ -403,8 +409,8 @@ mod tests {
         wal.lock().restart();
         // A shorter second pass: records 3..=5 of the first pass still follow it.
         let mut second = Vec::new();
-        encode(&mut second, 6, &ops(1));
-        encode(&mut second, 7, &ops(2));
+        encode_batch(&mut second, 6, 1);
+        encode_batch(&mut second, 7, 2);
         wal.lock().commit(&second).unwrap();
         drop(wal);
         let (_, records) = Wal::open(dir.path()).unwrap();
