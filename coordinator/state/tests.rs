@@ -51,15 +51,22 @@ impl Fixture {
         }
     }
 
-    /// Closes the store and rebuilds the model from it, as a restart does.
-    fn restart(self) -> Fixture {
+    /// Makes the store durable, closes it and opens it again, as a restart
+    /// does: the directory, the reopened store, and the fixture's clock.
+    fn close_and_reopen(self) -> (tempfile::TempDir, Store, SystemTime) {
         let Fixture {
             store, _dir, now, ..
         } = self;
         store.sync().unwrap();
         drop(store);
         let store = Store::reopen_for_test(_dir.path());
-        let mut f = Self::open(_dir, store);
+        (_dir, store, now)
+    }
+
+    /// Closes the store and rebuilds the model from it, as a restart does.
+    fn restart(self) -> Fixture {
+        let (dir, store, now) = self.close_and_reopen();
+        let mut f = Self::open(dir, store);
         f.now = now;
         f
     }

@@ -115,6 +115,26 @@ fn wait_or_kill(child: &mut Child, grace: Duration) -> ExitStatus {
 }
 
 /// Kills a child with SIGKILL and reaps it.
+/// Waits (polling, up to `bound`) for `slot`'s process (a `what`) to exit by itself, and empties
+/// the slot; panics if it does not exit.
+fn wait_child_exit(slot: &mut Option<Child>, what: &str, bound: Duration) -> ExitStatus {
+    let child = slot
+        .as_mut()
+        .unwrap_or_else(|| panic!("{what} is not running"));
+    let deadline = Instant::now() + bound;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                *slot = None;
+                return status;
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
+            Ok(None) => panic!("{what} pid {} did not exit within {bound:?}", child.id()),
+            Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+        }
+    }
+}
+
 fn kill9_child(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
@@ -231,22 +251,7 @@ impl Coordinator {
     /// Waits (polling, up to `bound`) for the coordinator to exit by itself; panics if it does
     /// not. Returns the exit status; `restart` starts it again.
     pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("coordinator is not running");
-        let deadline = Instant::now() + bound;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    self.child = None;
-                    return status;
-                }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
-                Ok(None) => panic!(
-                    "coordinator pid {} did not exit within {bound:?}",
-                    child.id()
-                ),
-                Err(e) => panic!("waiting for pid {}: {e}", child.id()),
-            }
-        }
+        wait_child_exit(&mut self.child, "coordinator", bound)
     }
 
     /// Sends `signal` and waits for the exit (SIGKILL after a bound). Returns the exit status.
@@ -524,19 +529,7 @@ impl Worker {
     /// Waits (polling, up to `bound`) for the worker to exit by itself; panics
     /// if it does not.
     pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("worker is not running");
-        let deadline = Instant::now() + bound;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    self.child = None;
-                    return status;
-                }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
-                Ok(None) => panic!("worker pid {} did not exit within {bound:?}", child.id()),
-                Err(e) => panic!("waiting for pid {}: {e}", child.id()),
-            }
-        }
+        wait_child_exit(&mut self.child, "worker", bound)
     }
 }
 

@@ -37,13 +37,8 @@ impl Fixture {
 
     /// A restart (at the same instant) with retention `r`.
     fn restart_with(self, r: Retention) -> Fixture {
-        let Fixture {
-            store, _dir, now, ..
-        } = self;
-        store.sync().unwrap();
-        drop(store);
-        let store = Store::reopen_for_test(_dir.path());
-        Self::reopen(_dir, store, now, r)
+        let (dir, store, now) = self.close_and_reopen();
+        Self::reopen(dir, store, now, r)
     }
 
     /// Whether a job is gone: NOT_FOUND from the model, and no record stored.
