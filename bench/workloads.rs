@@ -22,8 +22,8 @@ use crate::harness::{
 
 pub(crate) const WORKERS: usize = 4;
 pub(crate) const SLOTS: u32 = 16;
-/// Jobs run through a fresh coordinator and its workers before an e2e run is
-/// timed: as many as the peers' drivers send for their warm-up.
+/// Jobs run through a fresh coordinator and its workers before an e2e or a
+/// latency run is timed: as many as the peers' drivers send for their warm-up.
 const WARM_UP: usize = 200;
 const SUBMITTERS: usize = 4;
 
@@ -227,18 +227,33 @@ async fn latency_at(rates: &[u64], seconds: u64) -> Result<Vec<f64>> {
     let coord = Coordinator::start(&scratch.0.join("data"), "127.0.0.1:0")?;
     let _workers = Workers::sdk(&coord.url, WORKERS, SLOTS, WorkerRuntime::default())?;
     Workers::wait_connected(&coord.url, WORKERS).await?;
-    let client = job_client(&coord.url).await?;
-    let mut total = 0u64;
+    let mut client = job_client(&coord.url).await?;
+    // Not timed, like the peers' warm-up before their open loop
+    // (bench/peers: 200 tasks sent one by one through the started workers).
+    for _ in 0..WARM_UP {
+        client
+            .submit_job(SubmitJobRequest { job: Some(noop()) })
+            .await?;
+    }
+    let mut total = WARM_UP as u64;
+    wait_succeeded(&coord.url, total).await?;
     for &rate in rates {
         // Open loop: one submit every 1/rate s, each in its own task, whatever
         // the answers take.
-        let sent: Arc<Mutex<Vec<(String, SystemTime)>>> = Default::default();
+        let n = rate * seconds;
+        let sent = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
         let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut tasks = tokio::task::JoinSet::new();
-        let n = rate * seconds;
         for _ in 0..n {
             tick.tick().await;
+            // Finished submits are reaped as the load goes on: kept to the
+            // end, their tasks' memory grows by megabytes a second, and the
+            // page faults that zero it take this client's thread for up to
+            // 18 ms at a time (perf), a CPU the coordinator needs.
+            while let Some(r) = tasks.try_join_next() {
+                r??;
+            }
             let mut c = client.clone();
             let sent = sent.clone();
             tasks.spawn(async move {

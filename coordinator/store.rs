@@ -443,7 +443,7 @@ impl Store {
         // What sled read back (some of it perhaps only from the page cache)
         // and what was replayed is made durable before the log is overwritten.
         store.checkpoint()?;
-        store.wal.lock().clear()?;
+        store.wal.lock().clear(CHECKPOINT_BYTES + wal::GROWTH)?;
         Ok(store)
     }
 

@@ -20,8 +20,10 @@
 //! | length | the operations ([`Op`], [`decode`]) |
 //!
 //! [`LogFile::commit`] writes the records of a group of batches and
-//! fdatasyncs. The file grows in [`GROWTH`] steps of written zeros, so a
-//! commit overwrites allocated blocks and `fdatasync` has no metadata to
+//! fdatasyncs. The file is written full of zeros ahead of the records: at
+//! start-up [`LogFile::clear`] makes the room a pass between checkpoints
+//! needs, and a pass that outgrows it extends the file in [`GROWTH`] steps.
+//! So a commit overwrites allocated blocks and `fdatasync` has no metadata to
 //! write. Once the store has made sled itself durable (a checkpoint, see
 //! `Store::checkpoint`), [`LogFile::restart`] makes the next commit write at
 //! offset 0 again. The store holds the file's lock ([`Wal::lock`]) across a
@@ -290,20 +292,27 @@ impl LogFile {
         self.offset = 0;
     }
 
-    /// Zeroes the whole file and makes the next commit write at offset 0:
-    /// after a crash, a record that reached the disk beyond a torn one would
+    /// Zeroes the whole file, extended to at least `room` bytes (in
+    /// [`GROWTH`] steps), and makes the next commit write at offset 0: after
+    /// a crash, a record that reached the disk beyond a torn one would
     /// otherwise carry a sequence number that is handed out again. Only once
     /// every record in the file is durable elsewhere.
-    pub fn clear(&mut self) -> Result<(), WalError> {
-        if self.allocated > 0 {
-            let zeros =
-                vec![0; usize::try_from(self.allocated).expect("a log that fits in memory")];
+    ///
+    /// The room is written now, at start-up, so that no commit of the first
+    /// pass over the file pays for allocating blocks: the first commit into a
+    /// new file took 8–23 ms here, against about 0.1 ms for an overwrite.
+    pub fn clear(&mut self, room: u64) -> Result<(), WalError> {
+        let len = self.allocated.max(room.next_multiple_of(GROWTH));
+        if len > 0 {
+            let zeros = vec![0; usize::try_from(len).expect("a log that fits in memory")];
             let io = |op| {
                 let path = self.path.clone();
                 move |source| WalError::Io { path, op, source }
             };
             self.file.write_all_at(&zeros, 0).map_err(io("clear"))?;
+            // The file's new length is part of what fdatasync makes durable.
             self.file.sync_data().map_err(io("fdatasync"))?;
+            self.allocated = len;
         }
         self.offset = 0;
         Ok(())
@@ -415,5 +424,45 @@ mod tests {
         drop(wal);
         let (_, records) = Wal::open(dir.path()).unwrap();
         assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [6, 7]);
+    }
+
+    #[test]
+    fn clearing_zeroes_the_records_and_makes_room_that_commits_do_not_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let (wal, _) = Wal::open(dir.path()).unwrap();
+        wal.lock().commit(&encoded(1..=3)).unwrap();
+        wal.lock().clear(GROWTH + 1).unwrap();
+        assert_eq!(wal.lock().len(), 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * GROWTH);
+        // The first pass fills the room (in commits of many records) without
+        // extending the file.
+        let record = encoded(4..=4).len();
+        let fits = (2 * GROWTH) as usize / record;
+        let mut seqs = 4..4 + fits as u64;
+        loop {
+            let mut group = Vec::new();
+            for seq in seqs.by_ref().take(4096) {
+                encode_batch(&mut group, seq, 4);
+            }
+            if group.is_empty() {
+                break;
+            }
+            wal.lock().commit(&group).unwrap();
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * GROWTH);
+        drop(wal);
+        let (wal, records) = Wal::open(dir.path()).unwrap();
+        assert_eq!(
+            records.len(),
+            fits,
+            "none of the cleared records is read back"
+        );
+        assert_eq!(records[0].seq, 4);
+        // A smaller room never shrinks the file.
+        wal.lock().clear(0).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * GROWTH);
+        drop(wal);
+        assert!(Wal::open(dir.path()).unwrap().1.is_empty());
     }
 }
