@@ -120,6 +120,10 @@ async fn run(command: Cmd) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the reader of stderr is gone) is
+        // dropped: tracing's fallback would eprintln! the failure, which
+        // panics the task that logged (the one handling SIGTERM, say).
+        .log_internal_errors(false)
         .init();
     match command {
         Cmd::Submit { jobs } => workloads::submit(jobs).await,

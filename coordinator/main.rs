@@ -121,6 +121,10 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the reader of stderr is gone) is
+        // dropped: tracing's fallback would eprintln! the failure, which
+        // panics the task that logged (the one handling SIGTERM, say).
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let from_cli = Settings {
@@ -168,7 +172,12 @@ async fn main() -> anyhow::Result<()> {
     // serving stops it cleanly.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    println!("listening on {addr}");
+    // Not println!, which panics when stdout's reader is gone.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}").and_then(|()| out.flush());
+    }
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}

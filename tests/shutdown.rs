@@ -374,3 +374,26 @@ async fn a_second_signal_stops_every_task_at_once() {
     assert_eq!((requeued.state(), requeued.attempt), (JobState::Queued, 0));
     assert_eq!(requeued.attempts[0].outcome, "interrupted");
 }
+
+/// A log collector that dies (the pipe's reader gone) must not take the
+/// stop away: every log line then fails with EPIPE, and tracing's fallback
+/// report of that failure used to panic the task that logged it, here the
+/// one that turns SIGTERM into a shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_and_a_worker_whose_log_readers_are_gone_still_stop_on_sigterm() {
+    let dir = TempDir::new().unwrap();
+    let (mut coordinator, addr) = Unheard::coordinator(&dir.path().join("data"));
+    let url = format!("http://{addr}");
+    let config = worker_config("deaf", &["default"], 1, &[("ok", "true")]);
+    let mut worker = Unheard::worker(&url, &config, dir.path());
+    // Connected: the worker has logged (and failed to) by now.
+    wait_worker_connected(&url, "deaf").await;
+    let client = job_client(&url).await;
+    let id = submit_id(&client, job("ok", b"")).await;
+    wait_job_state(&client, &id, JobState::Succeeded, BOUND).await;
+
+    let status = worker.signal_and_wait_exit(libc::SIGTERM, BOUND);
+    assert!(status.success(), "worker exit: {status:?}");
+    let status = coordinator.signal_and_wait_exit(libc::SIGTERM, BOUND);
+    assert!(status.success(), "coordinator exit: {status:?}");
+}

@@ -45,6 +45,10 @@ async fn main() -> anyhow::Result<ExitCode> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the reader of stderr is gone) is
+        // dropped: tracing's fallback would eprintln! the failure, which
+        // panics the task that logged (the one handling SIGTERM, say).
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let config = WorkerConfig::load(&cli.config)

@@ -533,6 +533,78 @@ impl Worker {
     }
 }
 
+/// A `rota-coordinator` or `rota-worker` whose stdout and stderr readers are
+/// gone (a log collector that died): every line it writes fails with EPIPE.
+/// Killed (SIGKILL, by pid) on drop.
+pub struct Unheard {
+    child: Option<Child>,
+}
+
+impl Unheard {
+    /// A coordinator on `data_dir`, listening on `127.0.0.1:0`; returns it
+    /// once it has printed its address (its last reader goes then).
+    pub fn coordinator(data_dir: &Path) -> (Unheard, SocketAddr) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rota-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rota-coordinator");
+        drop(child.stderr.take());
+        let stdout = child.stdout.take().expect("piped stdout");
+        let unheard = Unheard { child: Some(child) };
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the address line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address line: {line:?}"));
+        (unheard, addr)
+    }
+
+    /// A worker of `url` with `config` (TOML, written to `dir/unheard-worker-N.toml`).
+    pub fn worker(url: &str, config: &str, dir: &Path) -> Unheard {
+        let config_path = dir.join(format!("unheard-worker-{}.toml", next_file_number()));
+        std::fs::write(&config_path, config).expect("write worker config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rota-worker"))
+            .arg("--coordinator")
+            .arg(url)
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rota-worker");
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        Unheard { child: Some(child) }
+    }
+
+    /// Sends `signal` and waits up to `bound` for the exit; panics if the
+    /// process is still running then.
+    pub fn signal_and_wait_exit(&mut self, signal: libc::c_int, bound: Duration) -> ExitStatus {
+        let pid = self.child.as_ref().expect("running").id();
+        send_signal(pid, signal);
+        wait_child_exit(&mut self.child, "process with closed log pipes", bound)
+    }
+}
+
+impl Drop for Unheard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill9_child(&mut child);
+        }
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
