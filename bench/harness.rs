@@ -72,8 +72,25 @@ impl Coordinator {
     }
 
     /// [`Coordinator::start`] with extra flags.
+    ///
+    /// `ROTA_BENCH_COORDINATOR_PREFIX`, if set, is a command (split at
+    /// spaces) that runs the coordinator, for profiling it inside a workload
+    /// (`valgrind --tool=callgrind`). It must run it in the same process: a
+    /// SIGTERM to that process stops the coordinator, and the figures that
+    /// read the process (peak RSS) read it.
     pub fn start_with_args(data_dir: &Path, listen: &str, args: &[&str]) -> Result<Coordinator> {
-        let mut child = Command::new(sibling("rota-coordinator")?)
+        let binary = sibling("rota-coordinator")?;
+        let prefix = std::env::var("ROTA_BENCH_COORDINATOR_PREFIX").unwrap_or_default();
+        let mut words = prefix.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
