@@ -20,7 +20,8 @@
 //! plus `min_free_disk`, it is refused with `RESOURCE_EXHAUSTED`, while
 //! everything that finishes accepted work goes on.
 //!
-//! If the store fails anyway (a write or a sync: a full disk, an I/O error),
+//! If the store fails anyway (a write or a sync: a full disk, an I/O error;
+//! or no commit completing for [`COMMIT_STALL`] while writes wait for one),
 //! nothing of the failed rounds is acknowledged: every waiting caller gets
 //! `UNAVAILABLE`, every session and watch stream ends, and the engine recovers
 //! in the same process ([`crate::coordinator::recovery`]): it answers every call
@@ -65,7 +66,18 @@ pub struct StoreSettings {
     /// Free disk kept beyond the room for finishing accepted work; new work
     /// that would cut into it is refused (0: no check).
     pub min_free_disk: u64,
+    /// How long a commit may go without completing, while writes wait for
+    /// it, before the store is declared failed (a disk that stopped
+    /// answering, or sled stuck inside a checkpoint): see [`COMMIT_STALL`].
+    pub commit_stall: Duration,
 }
+
+/// The default [`StoreSettings::commit_stall`]. Far above any flush a working
+/// disk takes, even a loaded one (tens of seconds at worst); past it the
+/// store is failed like one whose write returned an error, so callers are
+/// answered and, if the stuck commit never returns, the coordinator stops
+/// for its supervisor to restart it (see [`Health::Stuck`]).
+pub const COMMIT_STALL: Duration = Duration::from_secs(60);
 
 /// Whether the engine serves, or is reopening its store after a failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +135,9 @@ struct Shared {
     /// it to pass what they saw, so nobody is told of a change before it is
     /// on disk.
     durable: watch::Sender<u64>,
+    /// Notified when a round with writes goes to the sync thread: wakes the
+    /// commit watchdog ([`watch_commits`]).
+    committing: tokio::sync::Notify,
     /// Serving or recovering, and why.
     health: watch::Sender<Health>,
 }
@@ -217,6 +232,7 @@ impl Engine {
             clock,
             applied: Default::default(),
             durable: watch::Sender::new(0),
+            committing: tokio::sync::Notify::new(),
             health: watch::Sender::new(Health::Serving),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -549,7 +565,15 @@ async fn run(
     loop {
         // A fresh guard per epoch: the disk has changed while the store was closed.
         let mut guard = DiskGuard::new(&settings.data_dir, settings.min_free_disk);
-        let end = serve(&shared, &mut rx, &shutdown, &mut guard, &mut rounds).await;
+        let end = serve(
+            &shared,
+            &mut rx,
+            &shutdown,
+            &mut guard,
+            &mut rounds,
+            settings.commit_stall,
+        )
+        .await;
         if !end.failed {
             // A clean stop: the sync thread makes the last writes durable.
             let _ = end.synced.await;
@@ -578,6 +602,7 @@ async fn serve(
     shutdown: &CancellationToken,
     guard: &mut DiskGuard,
     round_number: &mut u64,
+    stall: Duration,
 ) -> EpochEnd {
     let (store, epoch) = {
         let model = shared.lock();
@@ -612,6 +637,12 @@ async fn serve(
             })
             .expect("spawning the settle thread");
     }
+    tokio::spawn(watch_commits(
+        shared.clone(),
+        epoch.clone(),
+        shutdown.clone(),
+        stall,
+    ));
     let mut commands = Vec::with_capacity(64);
     let mut durable_rx = shared.durable.subscribe();
     // The round of the last deletions. The next chunk waits until it is
@@ -692,8 +723,12 @@ async fn serve(
         if round.effects.is_empty() && !round.dirty {
             continue;
         }
+        let dirty = round.dirty;
         if sync_tx.send(round).is_err() {
             break;
+        }
+        if dirty {
+            shared.committing.notify_one();
         }
     }
     let failed = epoch.is_cancelled();
@@ -843,6 +878,45 @@ fn fail_round(round: Round, why: &str) {
     }
 }
 
+/// Fails the epoch when no commit has completed for a whole `stall` while
+/// writes waited for one: the sync thread is stuck (in `fdatasync`, or behind
+/// a checkpoint stuck in sled), and without this every caller would wait for
+/// it forever. Costs the engine one atomic operation per round (a `Notify`
+/// permit) and this task one wake per `stall` while writes come in. Ends with
+/// the epoch or at shutdown.
+async fn watch_commits(
+    shared: Arc<Shared>,
+    epoch: CancellationToken,
+    shutdown: CancellationToken,
+    stall: Duration,
+) {
+    let pending = || *shared.durable.borrow() < shared.applied.load(Ordering::SeqCst);
+    loop {
+        // Wait for a write that is not durable yet.
+        while !pending() {
+            tokio::select! {
+                _ = epoch.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                _ = shared.committing.notified() => {}
+            }
+        }
+        let durable = *shared.durable.borrow();
+        tokio::select! {
+            _ = epoch.cancelled() => return,
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(stall) => {}
+        }
+        if pending() && *shared.durable.borrow() == durable {
+            let why = format!(
+                "no commit of the write-ahead log completed in {stall:?} while writes waited for one: the disk (or sled, in a checkpoint) stopped answering"
+            );
+            tracing::error!(error = %why, "failing the store");
+            shared.fail_epoch(&epoch, &why);
+            return;
+        }
+    }
+}
+
 /// The sync thread: one commit of the write-ahead log for every round that queued up while
 /// the last one ran, then their effects, in order; then a nudge to the settle thread.
 fn sync_loop(
@@ -947,6 +1021,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             cache_bytes: 1 << 20,
             min_free_disk: 0,
+            commit_stall: COMMIT_STALL,
         }
     }
 
@@ -958,6 +1033,19 @@ mod tests {
         dir: &std::path::Path,
         min_free_disk: u64,
     ) -> (Engine, EngineTask, CancellationToken) {
+        start_with(
+            dir,
+            StoreSettings {
+                min_free_disk,
+                ..place(dir)
+            },
+        )
+    }
+
+    fn start_with(
+        dir: &std::path::Path,
+        place: StoreSettings,
+    ) -> (Engine, EngineTask, CancellationToken) {
         let store = Arc::new(Store::open(dir, 1 << 20).unwrap());
         let settings = Settings {
             lease_timeout: Duration::from_secs(30),
@@ -967,10 +1055,6 @@ mod tests {
         };
         let state = State::restore(settings, store.snapshot().unwrap(), SystemTime::now()).unwrap();
         let stop = CancellationToken::new();
-        let place = StoreSettings {
-            min_free_disk,
-            ..place(dir)
-        };
         let (engine, task) =
             Engine::start(state, store, Arc::new(SystemClock), place, stop.clone());
         (engine, task, stop)
@@ -986,6 +1070,80 @@ mod tests {
             1024,
         )
         .unwrap()
+    }
+
+    /// A commit that never completes (here: the log's lock held, as by a
+    /// checkpoint stuck in sled's flush) fails the store after the stall
+    /// bound, so callers are answered instead of waiting forever; once the
+    /// commit completes after all, the store is reopened and serves again,
+    /// with what that commit made durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_that_does_not_complete_fails_the_store_and_it_serves_again_once_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, task, stop) = start_with(
+            dir.path(),
+            StoreSettings {
+                commit_stall: Duration::from_millis(300),
+                ..place(dir.path())
+            },
+        );
+        let mut health = engine.health();
+        let store = engine.store_handle().unwrap().0;
+        // A thread holds the log's lock until told to let go.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let store = store.clone();
+            move || {
+                let _held = store.hold_log_for_test();
+                locked.send(()).unwrap();
+                let _ = released.recv();
+            }
+        });
+        is_locked.recv().unwrap();
+        let waiting = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.submit(vec![job(1)]).await }
+        });
+        let failed = tokio::time::timeout(
+            Duration::from_secs(30),
+            health.wait_for(|h| matches!(h, Health::Recovering(_))),
+        )
+        .await
+        .expect("the stalled commit fails the store")
+        .unwrap()
+        .clone();
+        let Health::Recovering(why) = failed else {
+            unreachable!()
+        };
+        assert!(why.contains("no commit"), "{why}");
+        assert!(!waiting.is_finished(), "its commit has not completed");
+        // New work is refused at once, with the reason.
+        let refused = engine.submit(vec![job(2)]).await.unwrap_err();
+        assert!(refused.to_string().contains("no commit"), "{refused}");
+
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        drop(store);
+        let submitted = tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .expect("answered once the commit completes")
+            .unwrap()
+            .expect("its commit did complete");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            health.wait_for(|h| *h == Health::Serving),
+        )
+        .await
+        .expect("the store is reopened")
+        .unwrap();
+        let id = JobId::parse(&submitted[0].job.as_ref().unwrap().id).unwrap();
+        engine
+            .get_job(id)
+            .await
+            .expect("the committed job is there");
+        stop.cancel();
+        task.wait().await;
     }
 
     #[tokio::test]

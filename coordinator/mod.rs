@@ -159,6 +159,7 @@ impl Coordinator {
             data_dir: self.config.data_dir.clone(),
             cache_bytes: self.config.cache_bytes,
             min_free_disk: self.config.min_free_disk,
+            commit_stall: engine::COMMIT_STALL,
         };
         let (engine, engine_task) = Engine::start(
             self.state,

@@ -615,6 +615,12 @@ impl Store {
         }
     }
 
+    /// Holds the log's lock as a checkpoint does, so that commits wait.
+    #[cfg(test)]
+    pub fn hold_log_for_test(&self) -> std::sync::MutexGuard<'_, wal::LogFile> {
+        self.wal.lock()
+    }
+
     /// How many syncs have completed since the store was opened.
     pub fn sync_count(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
