@@ -4,6 +4,13 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 
+/// The runs a job record keeps in `Job.attempts`: the newest this many. Runs
+/// that end `interrupted` (a worker stopping) do not use up `max_attempts`,
+/// so without a bound a job on workers that keep restarting would grow its
+/// record, and every write and read of it, forever. `Job.attempt` still
+/// counts the attempts used.
+pub const MAX_ATTEMPT_HISTORY: usize = 100;
+
 impl State {
     /// Handles every timer due at or before `now`.
     pub fn fire_due(&mut self, now: SystemTime) {
@@ -167,6 +174,10 @@ impl State {
         job.attempt += 1;
         job.state = JobState::Running as i32;
         job.start_time = ts(now);
+        if job.attempts.len() >= MAX_ATTEMPT_HISTORY {
+            let over = job.attempts.len() + 1 - MAX_ATTEMPT_HISTORY;
+            job.attempts.drain(..over);
+        }
         job.attempts.push(Attempt {
             number: job.attempt,
             worker_id: worker_id.to_string(),

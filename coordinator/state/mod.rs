@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 mod dispatch;
+pub use dispatch::MAX_ATTEMPT_HISTORY;
 mod jobs;
 pub use jobs::finished_job;
 mod reads;

@@ -467,6 +467,40 @@ fn an_interrupted_attempt_is_requeued_without_using_an_attempt() {
 }
 
 #[test]
+fn a_job_keeps_only_its_newest_runs_however_often_it_is_interrupted() {
+    let mut f = Fixture::new();
+    let j = f.submit(job("k", 0));
+    let mut w = f.connect("w1", 1, &[], vec![]);
+    let runs = MAX_ATTEMPT_HISTORY + 50;
+    for run in 0..runs {
+        let a = w.assign();
+        let interrupted = Outcome::Interrupted(Interrupted {
+            reason: format!("stop {run}"),
+        });
+        f.complete(&w, &j.id, &a.lease_id, interrupted);
+        let _ack = w.next();
+    }
+    let a = w.assign();
+    let job = a.job.unwrap();
+    assert_eq!(job.attempts.len(), MAX_ATTEMPT_HISTORY);
+    // The oldest runs went; the newest (running now) is last.
+    assert_eq!(
+        job.attempts[0].error,
+        format!("stop {}", runs + 1 - MAX_ATTEMPT_HISTORY)
+    );
+    assert_eq!(
+        job.attempts[MAX_ATTEMPT_HISTORY - 2].error,
+        format!("stop {}", runs - 1)
+    );
+    assert_eq!(job.attempts[MAX_ATTEMPT_HISTORY - 1].outcome, "");
+    f.complete(&w, &j.id, &a.lease_id, Outcome::Success(Default::default()));
+    let done = f.get(&j.id);
+    assert_eq!(done.state(), JobState::Succeeded);
+    assert_eq!(done.attempts.len(), MAX_ATTEMPT_HISTORY);
+    assert_eq!(done.attempts.last().unwrap().outcome, "succeeded");
+}
+
+#[test]
 fn delayed_and_expiring_jobs() {
     let mut f = Fixture::new();
     let mut delayed = job("k", 0);
