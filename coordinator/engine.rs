@@ -1,7 +1,7 @@
 //! The engine: one task that owns every change, and one thread that makes the
 //! changes durable (group commit).
 //!
-//! Requests become [`Command`]s on a channel. The engine task takes every
+//! Requests become `Command`s on a channel. The engine task takes every
 //! command waiting, lets the [`State`] decide them, fires due timers, deletes
 //! at most one chunk of finished jobs whose retention has passed (and only
 //! once the previous chunk is durable), dispatches ready jobs, stages the

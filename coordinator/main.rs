@@ -65,7 +65,7 @@ struct Cli {
     retention_expired: Option<String>,
     /// Bearer tokens as `role:sha256` entries (roles: client, worker, admin;
     /// the SHA-256 of each token in hex, e.g. `printf %s TOKEN | sha256sum`),
-    /// separated by commas. Replaces the config file's [[tokens]]. With none
+    /// separated by commas. Replaces the config file's `[[tokens]]`. With none
     /// configured, nothing is authenticated.
     #[arg(long, env = "ROTA_TOKENS", hide_env_values = true)]
     tokens: Option<String>,

@@ -28,7 +28,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// A fresh backoff; the next delay is around [`INITIAL`].
+    /// A fresh backoff; the next delay is around `INITIAL`.
     pub fn new() -> Self {
         Self { failures: 0 }
     }

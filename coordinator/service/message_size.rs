@@ -64,7 +64,7 @@ fn rewrite<B>(mut response: http::Response<B>) -> http::Response<B> {
     response
 }
 
-/// The layer that applies [`rewrite`] to every response.
+/// The layer that applies `rewrite` to every response.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MessageSizeLayer;
 
