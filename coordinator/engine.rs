@@ -163,11 +163,14 @@ impl Shared {
         ))
     }
 
-    /// Marks the epoch failed: callers waiting on it get `why`.
+    /// Marks the epoch failed: callers waiting on it get `why`. The epoch is
+    /// cancelled before the health changes, so a caller that sees the
+    /// failure and then sends a command is refused: the engine decides no
+    /// round after the cancel.
     fn fail_epoch(&self, epoch: &CancellationToken, why: &str) {
+        epoch.cancel();
         self.health
             .send_replace(Health::Recovering(why.to_string()));
-        epoch.cancel();
     }
 }
 
@@ -1119,7 +1122,10 @@ mod tests {
         assert!(why.contains("no commit"), "{why}");
         assert!(!waiting.is_finished(), "its commit has not completed");
         // New work is refused at once, with the reason.
-        let refused = engine.submit(vec![job(2)]).await.unwrap_err();
+        let refused = tokio::time::timeout(Duration::from_secs(10), engine.submit(vec![job(2)]))
+            .await
+            .expect("refused at once, not queued behind the stuck commit")
+            .unwrap_err();
         assert!(refused.to_string().contains("no commit"), "{refused}");
 
         release.send(()).unwrap();
