@@ -89,7 +89,8 @@ struct Cli {
     /// Most concurrent calls (HTTP/2 streams) on one connection [default: 1024].
     #[arg(long, env = "ROTA_MAX_CONCURRENT_STREAMS")]
     max_concurrent_streams: Option<u32>,
-    /// Most worker sessions open at once; the next gets RESOURCE_EXHAUSTED [default: 10000].
+    /// Most workers with a session open at once; the next worker gets RESOURCE_EXHAUSTED (a
+    /// worker's new session takes its old one's place) [default: 10000].
     #[arg(long, env = "ROTA_MAX_WORKERS")]
     max_workers: Option<usize>,
     /// Heartbeats and drain messages a worker session may send per heartbeat

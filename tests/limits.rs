@@ -658,8 +658,24 @@ async fn sessions_beyond_max_workers_get_resource_exhausted() {
     ids.sort();
     assert_eq!(ids, ["w-1", "w-2"], "the refused worker is not registered");
 
+    // A worker's second session (a reconnect while its old stream is still
+    // open, as after a lost connection) takes the old one's place.
+    let again = RawSession::try_open_silent(&url, hello("w-1", &[]))
+        .await
+        .unwrap_or_else(|e| panic!("w-1 reconnecting was refused: {e}"));
+    let r = RawSession::try_open_silent(&url, hello("w-3", &[]))
+        .await
+        .map(|_| ());
+    assert_status(
+        "a third worker, with w-1 reconnected",
+        r,
+        Code::ResourceExhausted,
+        &["2 sessions are open"],
+    );
+
     // When one leaves, the next may come in.
     drop(first);
+    drop(again);
     let _third = wait_until(BOUND, "a session once one closed", || async {
         RawSession::try_open_silent(&url, hello("w-3", &[]))
             .await

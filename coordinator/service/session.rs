@@ -7,8 +7,10 @@
 //! session's sender: on a newer session for the same worker, a lost worker, or
 //! shutdown.
 //!
-//! Limits: at most `max_workers` sessions are open at once (the next is
-//! refused with `RESOURCE_EXHAUSTED`); a `Hello` with a field over its limit
+//! Limits: at most `max_workers` workers have a session open at once (the
+//! next is refused with `RESOURCE_EXHAUSTED`; a worker's new session takes
+//! over its old one's place, so a reconnect is never refused for a stream
+//! the lost connection left half-open); a `Hello` with a field over its limit
 //! is refused with `INVALID_ARGUMENT` naming it; a session that floods or
 //! sends garbage is ended by its [`SessionGuard`] with a status that says why.
 //! A completion's result over `--max-payload` is recorded as a failed attempt
@@ -42,12 +44,70 @@ pub const MAX_SLOTS: u32 = 10_000;
 /// Most queues or kinds one worker may name.
 pub const MAX_NAMES: usize = 1000;
 
+/// The `max_workers` permits held, by worker id (see [`Sessions`]).
+#[derive(Clone, Default)]
+struct Seats(Arc<Mutex<SeatMap>>);
+
+#[derive(Default)]
+struct SeatMap {
+    /// Each worker id's permit and the number of the session holding it.
+    held: std::collections::HashMap<String, (u64, tokio::sync::OwnedSemaphorePermit)>,
+    /// The number of the next session.
+    next: u64,
+}
+
+/// A session's claim on its worker's permit: given back when the session
+/// ends, unless a newer session of the same worker has taken it over.
+struct Seat {
+    seats: Seats,
+    worker_id: String,
+    session: u64,
+}
+
+impl Seats {
+    /// The permit for a session of `worker_id`: its older session's, or a
+    /// new one from `open`; `None` when `max_workers` others hold them all.
+    fn take(&self, worker_id: &str, open: &Arc<Semaphore>) -> Option<Seat> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let permit = match map.held.remove(worker_id) {
+            Some((_, permit)) => permit,
+            None => open.clone().try_acquire_owned().ok()?,
+        };
+        map.next += 1;
+        let session = map.next;
+        map.held.insert(worker_id.to_string(), (session, permit));
+        Some(Seat {
+            seats: self.clone(),
+            worker_id: worker_id.to_string(),
+            session,
+        })
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut map = self.seats.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map
+            .held
+            .get(&self.worker_id)
+            .is_some_and(|(session, _)| *session == self.session)
+        {
+            map.held.remove(&self.worker_id);
+        }
+    }
+}
+
 /// The worker service.
 pub struct Sessions {
     /// Where sessions are registered and messages go.
     engine: Engine,
-    /// One permit per open session; none left means `max_workers` are open.
+    /// One permit per worker with an open session; none left means
+    /// `max_workers` are open.
     open: Arc<Semaphore>,
+    /// The permit of each worker id, and which of its sessions holds it: a
+    /// reconnect takes over its old session's permit, so a stream left
+    /// half-open by a lost connection does not count twice.
+    seats: Seats,
     /// The number of permits, for messages.
     max_workers: usize,
     /// When a session is cut off.
@@ -63,6 +123,7 @@ impl Sessions {
         Sessions {
             engine,
             open: Arc::new(Semaphore::new(0)),
+            seats: Seats::default(),
             max_workers: 0,
             guard: GuardSettings {
                 flood_rate: 0,
@@ -279,14 +340,17 @@ impl WorkerService for Sessions {
             }
         };
         check_hello(&hello)?;
-        let permit = self.open.clone().try_acquire_owned().map_err(|_| {
-            tracing::warn!(worker = %hello.worker_id, max = self.max_workers, "session refused: too many workers");
-            Status::resource_exhausted(format!(
-                "workers: {} sessions are open, the limit (--max-workers); \
-                 try again later, or raise the limit",
-                self.max_workers
-            ))
-        })?;
+        let permit = self
+            .seats
+            .take(&hello.worker_id, &self.open)
+            .ok_or_else(|| {
+                tracing::warn!(worker = %hello.worker_id, max = self.max_workers, "session refused: too many workers");
+                Status::resource_exhausted(format!(
+                    "workers: {} sessions are open, the limit (--max-workers); \
+                     try again later, or raise the limit",
+                    self.max_workers
+                ))
+            })?;
         let worker_id = hello.worker_id.clone();
         let guard = Arc::new(Mutex::new(SessionGuard::new(
             &worker_id,
