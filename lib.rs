@@ -11,6 +11,21 @@
 pub mod coordinator;
 pub mod worker;
 
+/// Logs to stderr at `RUST_LOG`'s levels (`default` when it is unset), for
+/// the binaries. A line that cannot be written (the reader of stderr is
+/// gone) is dropped: tracing's fallback would `eprintln!` the failure, which
+/// panics the task that logged (the one handling SIGTERM, say).
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .init();
+}
+
 /// Parsers for the durations and sizes that settings are written in, shared by
 /// the coordinator's and the worker's configs.
 pub mod units {

@@ -114,17 +114,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(command: Cmd) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (the reader of stderr is gone) is
-        // dropped: tracing's fallback would eprintln! the failure, which
-        // panics the task that logged (the one handling SIGTERM, say).
-        .log_internal_errors(false)
-        .init();
+    rota::init_logging("warn");
     match command {
         Cmd::Submit { jobs } => workloads::submit(jobs).await,
         Cmd::E2e {

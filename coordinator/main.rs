@@ -116,17 +116,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (the reader of stderr is gone) is
-        // dropped: tracing's fallback would eprintln! the failure, which
-        // panics the task that logged (the one handling SIGTERM, say).
-        .log_internal_errors(false)
-        .init();
+    rota::init_logging("info");
     let cli = Cli::parse();
     let from_cli = Settings {
         listen: cli.listen,

@@ -12,7 +12,6 @@ use clap::Parser;
 use rota::worker::{ShutdownHandle, WorkerConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// Run Rota jobs as commands.
 #[derive(Debug, Parser)]
@@ -40,16 +39,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (the reader of stderr is gone) is
-        // dropped: tracing's fallback would eprintln! the failure, which
-        // panics the task that logged (the one handling SIGTERM, say).
-        .log_internal_errors(false)
-        .init();
+    rota::init_logging("info");
     let cli = Cli::parse();
     let config = WorkerConfig::load(&cli.config)
         .with_context(|| format!("loading config {}", cli.config.display()))?;

@@ -389,10 +389,7 @@ fn spawn_coordinator(
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            let addr = line
-                .trim()
-                .strip_prefix("listening on ")
-                .and_then(|a| a.parse::<SocketAddr>().ok());
+            let addr = address_line(&line);
             match (addr, tx.as_ref()) {
                 (Some(addr), Some(sender)) => {
                     let _ = sender.send(addr);
@@ -423,6 +420,11 @@ fn spawn_coordinator(
             ))
         }
     }
+}
+
+/// The address in the coordinator's `listening on ADDR` line.
+fn address_line(line: &str) -> Option<SocketAddr> {
+    line.trim().strip_prefix("listening on ")?.parse().ok()
 }
 
 /// A running `rota-worker`. Killed (SIGKILL, by pid) on drop.
@@ -560,11 +562,7 @@ impl Unheard {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read the address line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address line: {line:?}"));
+        let addr = address_line(&line).unwrap_or_else(|| panic!("no address line: {line:?}"));
         (unheard, addr)
     }
 
